@@ -1,0 +1,295 @@
+"""Attention kernels against full attention, causality, masks, gradients and memory."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from reformer_jax import full_attention, local_attention, lsh_attention
+from reformer_jax.attention import bucket_balance, common, hash_vectors
+from reformer_jax.attention.lsh import default_n_buckets, permute
+
+B, L, N, H = 2, 32, 2, 8
+
+
+def _inputs(seed=0, length=L, dtype=jnp.float32):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  qk = jax.random.normal(k1, (B, length, N, H), dtype)
+  v = jax.random.normal(k2, (B, length, N, H), dtype)
+  mask = jnp.arange(length)[None, :] < jnp.array([[length], [length * 3 // 4]])
+  return qk, v, mask
+
+
+@pytest.mark.parametrize('causal', [False, True])
+@pytest.mark.parametrize('n_hashes', [1, 2, 3, 4])
+def test_lsh_with_one_chunk_equals_full_shared_qk(causal, n_hashes):
+  qk, v, mask = _inputs()
+  valid = mask[:, :, None, None]
+  cot = jax.random.normal(jax.random.PRNGKey(3), qk.shape) * valid
+
+  @jax.jit
+  def outputs_and_grads(qk, v):
+    lsh = lambda a, b: lsh_attention(a, b, rng=jax.random.PRNGKey(7), n_hashes=n_hashes,
+                                     chunk_len=L, causal=causal, mask=mask)
+    full = lambda a, b: full_attention(a, None, b, causal=causal, mask=mask)
+    return [(f(qk, v) * valid, jax.grad(lambda a, b: jnp.sum(f(a, b) * cot), (0, 1))(qk, v))
+            for f in (lsh, full)]
+
+  (out_lsh, g_lsh), (out_full, g_full) = outputs_and_grads(qk, v)
+  np.testing.assert_allclose(out_lsh, out_full, atol=2e-6)
+  for a, b in zip(g_lsh, g_full):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_local_with_covering_window_equals_full(causal):
+  qk, v, mask = _inputs()
+  k = jax.random.normal(jax.random.PRNGKey(5), qk.shape)
+  after = 0 if causal else 3
+  for key in (None, k):
+    local = local_attention(qk, key, v, chunk_len=8, n_chunks_before=3, n_chunks_after=after,
+                            causal=causal, mask=mask)
+    np.testing.assert_allclose(local, full_attention(qk, key, v, causal=causal, mask=mask),
+                               atol=2e-6)
+
+
+def test_local_attention_sees_only_its_window():
+  qk, v, _ = _inputs()
+  out = local_attention(qk, None, v, chunk_len=8, n_chunks_before=1, causal=True)
+  # Values two chunks back (positions 0..7) are outside the window of positions 16..31.
+  out2 = local_attention(qk, None, v.at[:, :8].set(100.0), chunk_len=8, n_chunks_before=1,
+                         causal=True)
+  np.testing.assert_array_equal(out[:, 16:], out2[:, 16:])
+  assert not np.allclose(out[:, 8:16], out2[:, 8:16])
+
+
+@pytest.mark.parametrize('kernel', ['lsh', 'local', 'full'])
+def test_future_values_never_change_the_past(kernel):
+  qk, v, _ = _inputs(length=64)
+  attend = {
+      'lsh': lambda vv: lsh_attention(qk, vv, rng=jax.random.PRNGKey(1), n_hashes=2,
+                                      chunk_len=8, causal=True),
+      'local': lambda vv: local_attention(qk, None, vv, chunk_len=8, causal=True),
+      'full': lambda vv: full_attention(qk, None, vv, causal=True),
+  }[kernel]
+  base = attend(v)
+  for j in (1, 17, 40):
+    changed = attend(v.at[:, j:].add(jax.random.normal(jax.random.PRNGKey(j), v[:, j:].shape)))
+    np.testing.assert_array_equal(base[:, :j], changed[:, :j])
+    assert not np.allclose(base[:, j:], changed[:, j:])
+
+
+def test_first_causal_token_attends_to_itself():
+  qk, v, _ = _inputs()
+  for out in (lsh_attention(qk, v, rng=jax.random.PRNGKey(0), chunk_len=8, causal=True),
+              full_attention(qk, None, v, causal=True),
+              local_attention(qk, None, v, chunk_len=8, causal=True)):
+    np.testing.assert_allclose(out[:, 0], v[:, 0], atol=1e-6)
+
+
+def test_self_is_masked_when_other_keys_exist():
+  # A query aligned with its own key would attend mostly to itself without the self-mask.
+  qk = jnp.concatenate([jnp.eye(H)[None, :, None, :] * 20] * 2, axis=1)  # [1, 16, 1, H]
+  v = jax.random.normal(jax.random.PRNGKey(0), qk.shape)
+  out = full_attention(qk, None, v)
+  # Token i has a twin at i + 8 with the same vector: all of its weight goes to the twin.
+  np.testing.assert_allclose(out[0, :8], v[0, 8:], atol=1e-4)
+
+
+def _clustered(n_clusters=64, length=256, seed=0):
+  """Well-separated clusters: keys of one cluster are near-identical, others near-orthogonal."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  centers = jax.random.normal(k1, (n_clusters, 1, 32)) * 4.0
+  ids = jax.random.randint(k2, (1, length), 0, n_clusters)
+  qk = centers[ids[0]][None] + 0.05 * jax.random.normal(k3, (1, length, 1, 32))
+  v = jax.random.normal(jax.random.PRNGKey(seed + 1), (1, length, 1, 32))
+  return qk, v
+
+
+def test_lsh_approximates_full_attention_on_clusters_and_improves_with_hashes():
+  qk, v = _clustered()
+  ref = full_attention(qk, None, v)
+  scale = float(jnp.mean(jnp.abs(ref)))
+
+  def error(n_hashes, n_chunks_after=0):
+    attend = jax.jit(lambda seed: lsh_attention(qk, v, rng=jax.random.PRNGKey(seed),
+                                                n_hashes=n_hashes, chunk_len=32,
+                                                n_chunks_after=n_chunks_after))
+    return np.mean([float(jnp.mean(jnp.abs(attend(s) - ref))) for s in range(3)])
+
+  errors = [error(n) for n in (1, 2, 4, 8)]
+  assert errors[0] > errors[1] > errors[2] > errors[3], errors
+  assert errors[3] < 0.15 * scale, (errors, scale)
+  # Seeing the next chunk too, every cluster (smaller than a chunk) is seen whole.
+  assert error(8, n_chunks_after=1) < 0.03 * scale
+
+
+def test_buckets_replay_exactly():
+  qk, v, mask = _inputs(length=64)
+  out, buckets = lsh_attention(qk, v, rng=jax.random.PRNGKey(0), n_hashes=2, chunk_len=8,
+                               mask=mask, return_buckets=True)
+  assert buckets.shape == (B, N, 2, 64) and buckets.dtype == jnp.int32
+  replay = lsh_attention(qk, v, rng=jax.random.PRNGKey(99), n_hashes=2, chunk_len=8, mask=mask,
+                         buckets=buckets)
+  np.testing.assert_array_equal(out, replay)
+  other = lsh_attention(qk, v, rng=jax.random.PRNGKey(99), n_hashes=2, chunk_len=8, mask=mask)
+  assert not np.allclose(out, other)
+
+
+def test_hashing_factorized_buckets_and_balance():
+  qk, _, _ = _inputs(length=64)
+  x = qk.transpose(0, 2, 1, 3)
+  b = hash_vectors(x, jax.random.PRNGKey(0), 3, (4, 6))
+  assert b.shape == (B, N, 3, 64) and int(b.min()) >= 0 and int(b.max()) < 24
+  assert len(np.unique(b)) > 12  # both factors are used
+  # Heads draw different rotations from fold_in(rng, head).
+  assert not np.array_equal(hash_vectors(jnp.repeat(x[:, :1], 2, 1), jax.random.PRNGKey(0), 1, 8)[:, 0],
+                            hash_vectors(jnp.repeat(x[:, :1], 2, 1), jax.random.PRNGKey(0), 1, 8)[:, 1])
+  balanced = jnp.tile(jnp.arange(8, dtype=jnp.int32), 8)[None, None, None]
+  assert float(bucket_balance(balanced, 8)) == 1.0
+  assert float(bucket_balance(jnp.zeros((1, 1, 1, 64), jnp.int32), 8)) == 8.0
+
+
+def test_argmax_hash_is_rotation_sign():
+  # With 2 buckets the bucket is the sign of the single rotated coordinate.
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 16, 4))
+  b = hash_vectors(x, jax.random.PRNGKey(1), 1, 2)
+  rot = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(1), 0), (4, 1, 1))
+  expected = (jnp.einsum('lh,h->l', x[0, 0], rot[:, 0, 0]) < 0).astype(jnp.int32)
+  np.testing.assert_array_equal(b[0, 0, 0], expected)
+
+
+def test_padding_content_never_reaches_real_tokens():
+  qk, v, mask = _inputs(length=64)
+  pad = ~mask[:, :, None, None]
+  noise = jax.random.normal(jax.random.PRNGKey(4), qk.shape) * 50
+  for fn in (lambda a, b: lsh_attention(a, b, rng=jax.random.PRNGKey(0), n_hashes=2,
+                                        chunk_len=8, mask=mask),
+             lambda a, b: local_attention(a, None, b, chunk_len=8, mask=mask, n_chunks_after=1),
+             lambda a, b: full_attention(a, None, b, mask=mask)):
+    out = fn(qk, v)
+    out2 = fn(jnp.where(pad, noise, qk), jnp.where(pad, -noise, v))
+    np.testing.assert_allclose(out * ~pad, out2 * ~pad, atol=1e-6)
+
+
+def test_bfloat16_is_finite_and_close_to_float32():
+  qk, v, mask = _inputs(length=64)
+  for fn in (lambda a, b: lsh_attention(a, b, buckets=buckets, n_hashes=2, chunk_len=8,
+                                        causal=True, mask=mask, rng=None),
+             lambda a, b: local_attention(a, None, b, chunk_len=8, causal=True, mask=mask)):
+    _, buckets = lsh_attention(qk, v, rng=jax.random.PRNGKey(0), n_hashes=2, chunk_len=8,
+                               causal=True, mask=mask, return_buckets=True)
+    out32 = fn(qk, v)
+    out16 = fn(qk.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
+    assert out16.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out16)))
+    np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=0.1, rtol=0.05)
+    grad = jax.grad(lambda a: jnp.sum(fn(a, v.astype(jnp.bfloat16)).astype(jnp.float32)))(
+        qk.astype(jnp.bfloat16))
+    assert bool(jnp.all(jnp.isfinite(grad.astype(jnp.float32))))
+  assert common.MASK_VALUE < common.SELF_MASK_VALUE < 0
+  assert np.isfinite(float(jnp.bfloat16(common.MASK_VALUE)))
+
+
+def test_check_grads_custom_vjps():
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 10, 4), jnp.float64)
+    perm = jnp.stack([jax.random.permutation(jax.random.PRNGKey(i), 10) for i in range(6)])
+    perm = perm.reshape(2, 3, 10)
+    inv = jnp.argsort(perm, axis=-1)
+    check_grads(lambda a: permute(a, perm, inv), (x,), order=1, modes=['rev'])
+    check_grads(lambda a: permute(a, perm, inv), (x[..., 0],), order=1, modes=['rev'])
+    qk, v, mask = (a.astype(jnp.float64) if a.dtype != jnp.bool_ else a for a in _inputs(length=16))
+    _, buckets = lsh_attention(qk, v, rng=jax.random.PRNGKey(0), n_hashes=2, chunk_len=4,
+                               causal=True, mask=mask, return_buckets=True)
+    check_grads(lambda a, b: lsh_attention(a, b, rng=None, buckets=buckets, n_hashes=2,
+                                           chunk_len=4, causal=True, mask=mask),
+                (qk, v), order=1, modes=['rev'])
+
+
+def test_configuration_errors_name_the_field():
+  qk, v, _ = _inputs(length=40)
+  with pytest.raises(ValueError, match='length 40 is not a multiple of chunk_len 16.*pad the input to 48'):
+    lsh_attention(qk, v, rng=jax.random.PRNGKey(0), chunk_len=16)
+  with pytest.raises(ValueError, match='n_buckets must be an even int'):
+    lsh_attention(qk, v, rng=jax.random.PRNGKey(0), chunk_len=8, n_buckets=5)
+  with pytest.raises(ValueError, match='pass rng='):
+    lsh_attention(qk, v, rng=None, chunk_len=8)
+  with pytest.raises(ValueError, match=r'\[batch, length, heads, head_dim\]'):
+    lsh_attention(qk[0], v[0], rng=jax.random.PRNGKey(0), chunk_len=8)
+  with pytest.raises(ValueError, match='mask must be'):
+    full_attention(qk, None, v, mask=jnp.ones((B, 3), bool))
+  assert default_n_buckets(1024, 64) == 32 and default_n_buckets(64, 64) == 2
+  assert default_n_buckets(2 ** 20, 64) == (128, 256)
+
+
+def _compiled_temp_bytes(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_lsh_memory_grows_linearly_not_quadratically():
+  def step(attend, length):
+    qk = jnp.ones((1, length, 2, 16))
+    grad = jax.grad(lambda a, b: jnp.sum(attend(a, b)), argnums=(0, 1))
+    return _compiled_temp_bytes(grad, qk, qk)
+
+  lsh = lambda a, b: lsh_attention(a, b, rng=jax.random.PRNGKey(0), n_hashes=2, chunk_len=32,
+                                   causal=True)
+  full = lambda a, b: full_attention(a, None, b, causal=True)
+  lsh_ratio = step(lsh, 4096) / step(lsh, 1024)
+  full_ratio = step(full, 4096) / step(full, 1024)
+  assert lsh_ratio < 6, lsh_ratio     # 4x the length: ~4x the memory
+  assert full_ratio > 12, full_ratio  # ~16x for an [L, L] matrix
+
+
+def _reference_lsh(qk, v, buckets, chunk_len, causal, mask, total_buckets, before=1, after=0):
+  """Loop-by-loop LSH attention for given buckets, written from the paper's description."""
+  qk, v, buckets, mask = (np.asarray(a, np.float64 if a.dtype.kind == 'f' else a.dtype)
+                          for a in (qk, v, buckets, mask))
+  batch, length, heads, _ = qk.shape
+  rounds = buckets.shape[2]
+  out = np.zeros(v.shape)
+  for b in range(batch):
+    for n in range(heads):
+      outs, lses = [], []
+      for r in range(rounds):
+        key = np.where(mask[b], buckets[b, n, r], total_buckets)
+        order = np.argsort(key, kind='stable')  # by bucket, then position
+        o_r, l_r = np.zeros((length, v.shape[-1])), np.zeros(length)
+        for s, i in enumerate(order):
+          g = s // chunk_len
+          slots = [t for t in range(length) if g - before <= t // chunk_len <= g + after]
+          logits = []
+          for t in slots:
+            j = order[t]
+            k_hat = qk[b, j, n] / np.linalg.norm(qk[b, j, n])
+            logit = qk[b, i, n] @ k_hat
+            if j == i:
+              logit = common.SELF_MASK_VALUE
+            if (causal and j > i) or not mask[b, j]:
+              logit = common.MASK_VALUE
+            logits.append(logit)
+          logits = np.array(logits)
+          lse = np.log(np.sum(np.exp(logits - logits.max()))) + logits.max()
+          o_r[i] = np.exp(logits - lse) @ v[b, [order[t] for t in slots], n]
+          l_r[i] = lse
+        outs.append(o_r)
+        lses.append(l_r)
+      w = np.exp(np.array(lses) - np.max(lses, axis=0))
+      w /= w.sum(axis=0)
+      out[b, :, n] = np.einsum('rl,rlh->lh', w, np.array(outs))
+  return out
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_lsh_matches_loop_reference_across_chunks(causal):
+  qk, v, mask = _inputs(length=16)
+  after = 0 if causal else 1
+  out, buckets = lsh_attention(qk, v, rng=jax.random.PRNGKey(2), n_hashes=3, n_buckets=4,
+                               chunk_len=4, causal=causal, mask=mask, n_chunks_after=after,
+                               return_buckets=True)
+  ref = _reference_lsh(qk, v, buckets, 4, causal, mask, 4, after=after)
+  valid = np.asarray(mask)[:, :, None, None]
+  np.testing.assert_allclose(np.asarray(out) * valid, ref * valid, atol=2e-5)
