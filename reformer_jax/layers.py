@@ -39,8 +39,32 @@ def _dropout_key(key, train):
   return jax.random.fold_in(key, DROPOUT) if train and key is not None else None
 
 
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype, name=name)
+class LayerNorm(nn.Module):
+  """Layer normalization over the last axis, statistics in float32.
+
+  Written out rather than `nn.LayerNorm`: inside the reversible backward pass, XLA kept one
+  extra `[B, L, D]` buffer per block with Flax's version (compiled memory grew with depth),
+  and none with this one (tests/test_memory.py checks the flat profile).
+  """
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (dim,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (dim,), self.param_dtype)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    centered = xf - mean
+    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    y = centered * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> LayerNorm:
+  return LayerNorm(dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype, name=name)
 
 
 class SelfAttention(nn.Module):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from reformer_jax import reversible
 from reformer_jax.attention import bucket_balance, default_n_buckets
 from reformer_jax.layers import (AttentionBlock, AxialPositionalEmbedding, CrossAttentionBlock,
-                                 FeedForwardBlock, dropout)
+                                 FeedForwardBlock, LayerNorm, dropout)
 from reformer_jax.model_config import ModelConfig
 
 EMBED, DECODER, ENCODER = 0, 1, 2  # fold_in tags of the call's key
@@ -60,7 +60,7 @@ class Stack(nn.Module):
     if not self.cfg.reversible:
       replays = []
       for block, k in zip(blocks, keys):
-        delta, buckets = block(x, context=context, key=k, train=train, **consts)
+        delta, buckets = block(x, context=context, key=k, train=train, **(consts or {}))
         x = x + delta
         replays.append(buckets)
       self._sow_balance(specs, replays)
@@ -68,7 +68,7 @@ class Stack(nn.Module):
 
     if self.is_initializing():  # create the parameters through the bound blocks once
       for block, k in zip(blocks, keys):
-        block(x, context=context, key=k, train=train, **consts)
+        block(x, context=context, key=k, train=train, **(consts or {}))
     params = [self.variables['params'][name] for _, _, name in specs]
     fns = [_pure_block(cls(**attrs, parent=None), train) for cls, attrs, _ in specs]
     y1, y2, replays = reversible.reversible_stack(fns, params, x, x, keys=keys, context=context,
@@ -94,7 +94,7 @@ def _pure_block(module: nn.Module, train: bool):
   """Wraps an unbound block as a residual function for `reversible.reversible_stack`."""
   def fn(params, x, context, consts, key, replay):
     return module.apply({'params': params}, x, context=context, key=key, buckets=replay,
-                        train=train, **consts)
+                        train=train, **(consts or {}))
   return fn
 
 
@@ -149,7 +149,7 @@ class _OutputHead(nn.Module):
   @nn.compact
   def __call__(self, x, embedding: Embedding):
     cfg = self.cfg
-    x = nn.LayerNorm(dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype, name='norm')(x)
+    x = LayerNorm(cfg.compute_dtype, cfg.parameter_dtype, name='norm')(x)
     if cfg.tie_embeddings:
       return embedding.logits(x).astype(jnp.float32)
     return nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype,
@@ -191,7 +191,7 @@ class ReformerEncoderDecoder(nn.Module):
     cfg = self.cfg
     self.embedding = Embedding(cfg)
     self.encoder = Stack(cfg, cfg.n_layers, causal=False)
-    self.encoder_norm = nn.LayerNorm(dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype)
+    self.encoder_norm = LayerNorm(cfg.compute_dtype, cfg.parameter_dtype)
     self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True)
     self.head = _OutputHead(cfg)
 

@@ -68,6 +68,10 @@ def _reversible_bwd(fns, residuals, cotangents):
   grad_params = [None] * len(fns)
   grad_context = jax.tree.map(lambda c: jnp.zeros_like(c), context)
   for i in reversed(range(len(fns))):
+    # Without the barrier XLA may rebuild every step's inputs ahead of the cotangents (they
+    # depend only on the outputs), holding all of them at once: memory would grow with depth.
+    a, b, ga, gb = jax.lax.optimization_barrier((a, b, ga, gb))
+
     def step(p, x, ctx, i=i):
       return fns[i](p, x, ctx, consts, keys[i], replays[i])[0]
     # Outputs (a, b) = (b_in, a_in + f(b_in)): rebuild the inputs, then pull the cotangents back.

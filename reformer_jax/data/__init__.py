@@ -21,6 +21,7 @@ from .dialogues import (
     read_dialogue_file,
     resolve_data_dir,
 )
+from .duplication import DuplicationSource
 from .pipeline import (
     BatchSource,
     DialogueExamples,
@@ -55,6 +56,7 @@ __all__ = [
     "ByteTokenizer",
     "Dialogue",
     "DialogueExamples",
+    "DuplicationSource",
     "SentencePieceTokenizer",
     "Tokenizer",
     "TurnSpan",

@@ -1,0 +1,664 @@
+"""Training and evaluation of a `ReformerLM`: `train_and_evaluate(config, workdir)`.
+
+One jitted step over a `('data',)` device mesh (`reformer_jax.sharding`): the batch is split over
+every device, the train state is replicated and donated to the step. The state is built
+abstract-first (`jax.eval_shape`, then `jax.jit(init, out_shardings=...)`), or restored into
+that abstract state from the newest readable checkpoint of the workdir. Randomness comes from one
+root key: the step draws its dropout and LSH hash rotations from `fold_in(key, step)`, and the
+data of step `s` is a pure function of (data seed, `s`), so a resumed run continues exactly as
+an uninterrupted one would (bitwise on CPU).
+
+Per step the host only dispatches: the step's metrics are read back while the next step runs.
+A non-finite loss, gradient or parameter norm stops training with `NonFiniteError`; checkpoints
+are only written after their step's metrics were checked, so the last checkpoint stays good.
+SIGTERM (preemption) saves a checkpoint at the current step, waits for it and returns.
+
+Tasks (`config.data.task`): 'duplication' (the paper's `0w0w` copy task), 'dialogue' (Person 1/
+Person 2 dialogues with a sentencepiece tokenizer kept in the workdir), 'text' (byte-level LM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+import os
+import pathlib
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from reformer_jax import checkpointing, data, sharding, tracking
+from reformer_jax.model_config import ModelConfig
+from reformer_jax.models import ReformerLM
+
+TASKS = ('duplication', 'dialogue', 'text')
+OPTIMIZERS = ('adamw', 'adafactor')
+SCHEDULES = ('rsqrt', 'cosine', 'constant')
+INIT, TRAIN, EVAL = 0, 1, 2  # fold_in tags of the root key
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds: the number of updates applied, parameters, optimizer state."""
+  step: jax.Array  # int32 scalar
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN or Inf; raised with the step and how to recover."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Checks every training field once, up front; returns the model's `ModelConfig`.
+
+  Raises:
+    ValueError: naming the first bad field and how to fix it.
+  """
+  def fail(msg):
+    raise ValueError(f'config.{msg}')
+
+  model_cfg = ModelConfig.from_dict(config.model)
+  d = config.data
+  if d.task not in TASKS:
+    fail(f"data.task={d.task!r}: use one of {TASKS}")
+  if not isinstance(d.seq_len, int) or d.seq_len < 2:
+    fail(f'data.seq_len={d.seq_len!r} must be an int >= 2')
+  if d.seq_len > model_cfg.max_len:
+    fail(f'model.max_len={model_cfg.max_len} is shorter than data.seq_len={d.seq_len}: set '
+         f'model.max_len={d.seq_len}')
+  chunked = any(t in ('lsh', 'local') for t in model_cfg.attention_types)
+  if chunked and d.seq_len > model_cfg.chunk_len and d.seq_len % model_cfg.chunk_len:
+    fail(f'data.seq_len={d.seq_len} is not a multiple of model.chunk_len={model_cfg.chunk_len}: '
+         f'use seq_len={-(-d.seq_len // model_cfg.chunk_len) * model_cfg.chunk_len} or a '
+         f'chunk_len that divides it')
+  if d.task == 'duplication' and (d.seq_len < 4 or d.seq_len % 2):
+    fail(f'data.seq_len={d.seq_len}: the duplication task needs an even length >= 4')
+  if d.task == 'duplication' and model_cfg.vocab_size < 3:
+    fail(f'model.vocab_size={model_cfg.vocab_size}: duplication needs >= 3 (separator + symbols)')
+  if d.task == 'text' and model_cfg.vocab_size < data.BYTE_VOCAB_SIZE:
+    fail(f'model.vocab_size={model_cfg.vocab_size}: the byte-level text task needs '
+         f'{data.BYTE_VOCAB_SIZE}')
+  if d.task == 'dialogue' and model_cfg.vocab_size < 16:
+    fail(f'model.vocab_size={model_cfg.vocab_size}: the sentencepiece tokenizer needs >= 16')
+  if config.optimizer not in OPTIMIZERS:
+    fail(f'optimizer={config.optimizer!r}: use one of {OPTIMIZERS}')
+  if config.schedule not in SCHEDULES:
+    fail(f'schedule={config.schedule!r}: use one of {SCHEDULES}')
+  if not config.learning_rate > 0:
+    fail(f'learning_rate={config.learning_rate} must be > 0')
+  for name in ('num_train_steps', 'log_every_steps', 'grad_accum_steps', 'batch_size',
+               'eval_batch_size'):
+    if not isinstance(config[name], int) or config[name] < 1:
+      fail(f'{name}={config[name]!r} must be an int >= 1')
+  for name in ('warmup_steps', 'eval_every_steps', 'checkpoint_every_steps', 'max_eval_batches',
+               'max_checkpoints_to_keep', 'num_devices', 'profile_steps'):
+    if not isinstance(config[name], int) or config[name] < 0:
+      fail(f'{name}={config[name]!r} must be an int >= 0 (0 turns it off or means "all")')
+  if config.schedule == 'cosine' and config.warmup_steps >= config.num_train_steps:
+    fail(f'warmup_steps={config.warmup_steps} must be < num_train_steps='
+         f'{config.num_train_steps} for the cosine schedule')
+  if config.grad_clip_norm < 0 or config.weight_decay < 0:
+    fail('grad_clip_norm and weight_decay must be >= 0 (0 turns them off)')
+  if config.batch_size % config.grad_accum_steps:
+    fail(f'batch_size={config.batch_size} is not divisible by grad_accum_steps='
+         f'{config.grad_accum_steps}: use a batch_size that is a multiple of it')
+  for n in config.eval_n_hashes:
+    if not isinstance(n, int) or n < 0:
+      fail(f'eval_n_hashes={config.eval_n_hashes!r}: give ints >= 0 (0 = full attention)')
+  if config.eval_n_hashes and not model_cfg.shared_qk:
+    fail('eval_n_hashes needs model.shared_qk=True: LSH evaluation reuses the shared query/key '
+         'projection of the trained attention layers')
+  tracking.wandb_mode(config.wandb.mode)  # raises on an unknown mode
+  return model_cfg
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then rsqrt, cosine or constant, by update count."""
+  lr, warmup = config.learning_rate, config.warmup_steps
+  if config.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, config.num_train_steps, end_value=lr * config.final_lr_fraction)
+  if config.schedule == 'constant':
+    decay = optax.constant_schedule(lr)
+  else:  # rsqrt: lr * sqrt(warmup / step), continuous at the end of warmup
+    decay = lambda count: lr * jax.lax.rsqrt(1.0 + count / max(warmup, 1))
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and embeddings, not on biases and norm scales."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Gradient clipping by global norm, then AdamW or Adafactor."""
+  if config.optimizer == 'adamw':
+    opt = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                      weight_decay=config.weight_decay, mask=_decay_mask)
+  else:
+    opt = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
+                          weight_decay_mask=_decay_mask)
+  if config.grad_clip_norm:
+    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
+  return opt
+
+
+# --------------------------------------------------------------------------- step functions
+
+
+def decoder_inputs(targets: jax.Array) -> jax.Array:
+  """`[B, L]` targets -> inputs shifted right by one, id 0 in front (the model reads x[:t])."""
+  return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+
+
+def input_mask(targets: jax.Array) -> jax.Array:
+  """`[B, L]` True at real input tokens: the leading start position and non-padding tokens."""
+  real = targets[:, :-1] != data.PAD_ID
+  return jnp.concatenate([jnp.ones_like(real[:, :1]), real], axis=1)
+
+
+def token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Weighted sums over tokens: cross-entropy, correct predictions and the weight itself."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {'loss': jnp.sum(loss * weights), 'correct': jnp.sum(correct * weights),
+          'weight': jnp.sum(weights)}
+
+
+def _forward(model: ReformerLM, params, batch, key, *, use_mask: bool, train: bool):
+  mask = input_mask(batch['inputs']) if use_mask else None
+  logits, variables = model.apply({'params': params}, decoder_inputs(batch['inputs']), mask=mask,
+                                  rng=key, train=train, mutable=['diagnostics'])
+  balance = jax.tree.leaves(variables.get('diagnostics', {}))
+  balance = jnp.concatenate([jnp.ravel(b) for b in balance]) if balance else jnp.zeros((0,))
+  return token_sums(logits, batch['inputs'], batch['weights']), balance
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array, *,
+               model: ReformerLM, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               grad_accum_steps: int = 1, use_mask: bool = False):
+  """One update on a global batch (`grad_accum_steps` micro-batches); returns (state, metrics).
+
+  The loss is the weighted token mean over the whole batch, so accumulating over micro-batches
+  gives the same gradient as one big batch. Metrics are device scalars (and the per-layer LSH
+  bucket balance); nothing is read back here.
+  """
+  key = jax.random.fold_in(root_key, state.step)
+
+  def loss_fn(params, micro, micro_key):
+    sums, balance = _forward(model, params, micro, micro_key, use_mask=use_mask, train=True)
+    return sums['loss'], (sums, balance)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    (_, (sums, balance)), grads = grad_fn(state.params, batch, key)
+  else:
+    # [B, ...] -> [k, B / k, ...] taking every k-th row, so each device's rows stay on it.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
+                                             *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, inputs):
+      micro_batch, i = inputs
+      (_, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+    (_, (_, zero_aux)), zero_grads = jax.eval_shape(
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero_grads, zero_aux))
+    (grads, (sums, balance)), _ = jax.lax.scan(accumulate, zeros,
+                                               (micro, jnp.arange(grad_accum_steps)))
+    balance = balance / grad_accum_steps
+  weight = jnp.maximum(sums['weight'], 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'loss': sums['loss'] / weight, 'accuracy': sums['correct'] / weight,
+             'tokens': sums['weight'], 'grad_norm': optax.global_norm(grads),
+             'param_norm': optax.global_norm(params), 'learning_rate': schedule(state.step),
+             'bucket_balance': balance}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, key, *, model: ReformerLM, use_mask: bool = False):
+  """Weighted sums (loss, correct, weight) of one evaluation batch."""
+  sums, _ = _forward(model, params, batch, key, use_mask=use_mask, train=False)
+  return sums
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class TaskData:
+  """What a task gives the trainer."""
+  train: Any                     # a `data.make_batches` source
+  eval: Any                      # has `eval_batches(batch_size=, process_index=, process_count=)`
+  use_mask: bool                 # pass a padding mask to the model (padded dialogue rows)
+  per_byte: bool                 # report bits per character (byte-level text)
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def make_task_data(config, model_cfg: ModelConfig, workdir: str | os.PathLike[str]) -> TaskData:
+  """Builds the training and evaluation sources of `config.data.task`."""
+  d = config.data
+  if d.task == 'duplication':
+    source = data.DuplicationSource(model_cfg.vocab_size, d.seq_len,
+                                    eval_examples=d.eval_examples, eval_seed=d.seed + 1)
+    return TaskData(train=source, eval=source, use_mask=False, per_byte=False)
+  root = data.resolve_data_dir(d.data_dir or None)
+  if d.task == 'text':
+    text = data.load_text_bytes(root / d.text_file)
+    splits = data.split_by_position(text, validation_fraction=d.validation_fraction)
+    return TaskData(train=data.ByteTextSource(splits['train'], d.seq_len),
+                    eval=data.ByteTextSource(splits['validation'], d.seq_len), use_mask=False,
+                    per_byte=True, info={'train_bytes': len(splits['train']),
+                                         'eval_bytes': len(splits['validation'])})
+  # dialogue
+  train_dialogues = _limit(data.load_dialogues(root / d.train_corpus, d.train_split),
+                           d.max_train_dialogues)
+  eval_dialogues = _limit(data.load_dialogues(root / d.eval_corpus, d.eval_split),
+                          d.max_eval_dialogues)
+  tokenizer = _shared_tokenizer(workdir, model_cfg.vocab_size,
+                                lambda: data.iter_turn_segments(train_dialogues))
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f'{tokenizer.path} has {tokenizer.vocab_size} pieces but config.model.'
+                     f'vocab_size={model_cfg.vocab_size}: raise vocab_size or delete the tokenizer')
+  build = functools.partial(data.DialogueExamples.build, tokenizer=tokenizer, length=d.seq_len,
+                            loss_on=d.loss_on, truncate=d.truncate)
+  train, evals = build(train_dialogues), build(eval_dialogues)
+  return TaskData(train=train, eval=evals, use_mask=True, per_byte=False,
+                  info={'tokenizer_pieces': tokenizer.vocab_size,
+                        **{f'train_{k}': v for k, v in train.stats.items()},
+                        **{f'eval_{k}': v for k, v in evals.stats.items()}})
+
+
+def _limit(items: list, n: int) -> list:
+  return items[:n] if n else items
+
+
+def _shared_tokenizer(workdir, vocab_size, texts):
+  """Trains the tokenizer on process 0 (others wait, then load the saved file)."""
+  if jax.process_index() == 0:
+    tokenizer = data.load_or_train_tokenizer(workdir, vocab_size, texts)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('tokenizer')
+  if jax.process_index() != 0:
+    tokenizer = data.load_or_train_tokenizer(workdir, vocab_size, texts)
+  return tokenizer
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def eval_variants(config, model_cfg: ModelConfig) -> dict[str, ModelConfig]:
+  """Metric prefix -> model used for evaluation: 'eval' (as trained) plus `config.eval_n_hashes`.
+
+  `n > 0` turns every attention layer into LSH with n hashes ('eval_lsh{n}'); `0` into full
+  attention ('eval_full'). Parameters are shared: both use the one shared query/key projection.
+  """
+  variants = {'eval': model_cfg}
+  for n in config.eval_n_hashes:
+    if n == 0:
+      variants['eval_full'] = model_cfg.replace(attention_types=('full',))
+    else:
+      variants[f'eval_lsh{n}'] = model_cfg.replace(attention_types=('lsh',), n_hashes=n)
+  return variants
+
+
+class Evaluator:
+  """Runs every evaluation variant over the task's evaluation set; sums stay on device."""
+
+  def __init__(self, config, model_cfg: ModelConfig, task: TaskData, mesh, root_key):
+    self.config, self.task, self.mesh = config, task, mesh
+    self.key = sharding.replicate(jax.random.fold_in(root_key, EVAL), mesh)
+    rep = sharding.replicated(mesh)
+    self.steps = {
+        name: jax.jit(functools.partial(eval_step, model=ReformerLM(cfg), use_mask=task.use_mask),
+                      out_shardings=rep)
+        for name, cfg in eval_variants(config, model_cfg).items()}
+
+  def batches(self) -> Iterator[dict[str, np.ndarray]]:
+    batches = self.task.eval.eval_batches(batch_size=self.config.eval_batch_size,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    return itertools.islice(batches, self.config.max_eval_batches or None)
+
+  def __call__(self, params) -> dict[str, float]:
+    totals = dict.fromkeys(self.steps)
+    for i, local in enumerate(self.batches()):
+      batch = sharding.global_batch(local, self.mesh)
+      key = jax.random.fold_in(self.key, i)
+      for name, step in self.steps.items():
+        sums = step(params, batch, key)
+        totals[name] = sums if totals[name] is None else jax.tree.map(jnp.add, totals[name], sums)
+    metrics = {}
+    for name, sums in jax.device_get(totals).items():
+      if sums is None:
+        raise ValueError('the evaluation set is empty: check config.data and max_eval_batches')
+      metrics.update(summarize(sums, name, per_byte=self.task.per_byte))
+    return metrics
+
+
+def summarize(sums: dict[str, Any], prefix: str, *, per_byte: bool = False) -> dict[str, float]:
+  """Token sums -> loss, accuracy and perplexity (or bits per character for byte-level text)."""
+  weight = max(float(sums['weight']), 1.0)
+  loss = float(sums['loss']) / weight
+  out = {f'{prefix}/loss': loss, f'{prefix}/accuracy': float(sums['correct']) / weight}
+  if per_byte:
+    out[f'{prefix}/bits_per_char'] = loss / math.log(2)
+  else:
+    out[f'{prefix}/perplexity'] = math.exp(min(loss, 50.0))
+  return out
+
+
+# --------------------------------------------------------------------------- host-side metrics
+
+
+class TrainLog:
+  """Reads each step's metrics one step late, checks them, averages them and reports progress."""
+
+  def __init__(self, writer: tracking.MetricWriter, *, start_step: int, total_steps: int,
+               every: int, tokens_per_step: int, checkpointer: checkpointing.Checkpointer):
+    self.writer, self.total, self.every = writer, total_steps, every
+    self.tokens_per_step = tokens_per_step
+    self.checkpointer = checkpointer
+    self.pending = None
+    self.window: list[dict[str, Any]] = []
+    self.window_start = time.perf_counter()
+    self.run_start, self.start_step = self.window_start, start_step
+    self.last: dict[str, float] = {}
+
+  def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Queues step `step`'s metrics and consumes the previous step's (now likely finished)."""
+    previous, self.pending = self.pending, (step, metrics)
+    if previous is not None:
+      self._consume(*previous)
+
+  def flush(self) -> None:
+    """Consumes the queued metrics now (before a checkpoint, an evaluation or the end)."""
+    if self.pending is not None:
+      previous, self.pending = self.pending, None
+      self._consume(*previous)
+
+  def _consume(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    values = jax.device_get(metrics)
+    bad = [k for k in ('loss', 'grad_norm', 'param_norm') if not np.isfinite(values[k])]
+    if bad:
+      latest = self.checkpointer.latest_step()
+      where = (f'the last good checkpoint, step {latest}, is intact in '
+               f'{self.checkpointer.directory}' if latest is not None else 'no checkpoint was saved')
+      raise NonFiniteError(
+          f'non-finite {", ".join(bad)} at step {step} (loss {values["loss"]}, grad norm '
+          f'{values["grad_norm"]}, parameter norm {values["param_norm"]}); training stopped and '
+          f'{where}. Resume with a lower learning_rate, more warmup_steps, a grad_clip_norm, or '
+          f'model.dtype=float32.')
+    self.window.append(values)
+    if step % self.every == 0 or step == self.total:
+      self._write(step)
+
+  def _write(self, step: int) -> None:
+    now = time.perf_counter()
+    n = len(self.window)
+    rate = n / max(now - self.window_start, 1e-9)
+    mean = lambda k: float(np.mean([v[k] for v in self.window]))
+    loss = mean('loss')
+    out = {'train/loss': loss, 'train/accuracy': mean('accuracy'),
+           'train/perplexity': math.exp(min(loss, 50.0)), 'train/learning_rate': mean('learning_rate'),
+           'train/grad_norm': mean('grad_norm'), 'train/param_norm': mean('param_norm'),
+           'perf/step_time_s': 1.0 / rate, 'perf/steps_per_s': rate,
+           'perf/tokens_per_s': rate * self.tokens_per_step}
+    balance = np.mean([v['bucket_balance'] for v in self.window], axis=0)
+    out.update({f'lsh/bucket_balance_layer{i}': float(b) for i, b in enumerate(balance)})
+    out.update(memory_usage())
+    self.writer.write(step, out)
+    self.last = out
+    elapsed = now - self.run_start
+    done = step - self.start_step
+    eta = (self.total - step) * elapsed / max(done, 1)
+    logging.info('step %d/%d (%.0f%%) | %.2f steps/s, %.0f tokens/s | loss %.4f, accuracy %.4f | '
+                 'lr %.2e | elapsed %s, ETA %s', step, self.total, 100 * step / self.total, rate,
+                 out['perf/tokens_per_s'], loss, out['train/accuracy'],
+                 out['train/learning_rate'], _duration(elapsed), _duration(eta))
+    self.window, self.window_start = [], now
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  return f'{h}h{rest // 60:02d}m{rest % 60:02d}s' if h else f'{rest // 60}m{rest % 60:02d}s'
+
+
+def memory_usage() -> dict[str, float]:
+  """Host peak RSS and, where the backend reports it, the first local device's peak bytes."""
+  out = {'memory/host_peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    out['memory/device_peak_bytes'] = stats['peak_bytes_in_use']
+  return out
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+  """Per-device sizes from XLA's memory analysis of a compiled program (empty if unavailable)."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
+            'temp_size_in_bytes', 'generated_code_size_in_bytes')
+  return {f'memory/compiled_{f.replace("_size_in_bytes", "")}_bytes': int(getattr(analysis, f))
+          for f in fields if hasattr(analysis, f)}
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatch:
+  """Turns SIGTERM into a flag the loop checks between steps (one process), or asks JAX's
+  preemption sync point, which picks the same step on every process (several processes)."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint after the current step.')
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.received
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+      return False
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def create_train_state(model: ReformerLM, tx, config, mesh, key):
+  """Abstract state and its shardings, then the real state built directly in place on devices."""
+  def init(init_key):
+    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+    params = model.init({'params': init_key}, tokens, rng=init_key, train=False)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init, key)
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings, lambda: jax.jit(init, out_shardings=shardings)(key)
+
+
+def compile_train_step(model, tx, schedule, config, mesh, abstract_state, state_shardings,
+                       use_mask: bool):
+  """The jitted step (state donated), lowered and compiled once for the global batch shape."""
+  step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                              grad_accum_steps=config.grad_accum_steps, use_mask=use_mask)
+  rep = sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+  shape = (config.batch_size, config.data.seq_len)
+  batch = {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
+           'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)}
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+  return jitted.lower(abstract_state, batch, key).compile()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its newest readable checkpoint.
+
+  Returns the last logged training metrics and the final evaluation metrics, plus 'step' and
+  'preempted' (True when SIGTERM stopped the run early, after saving a checkpoint).
+  """
+  model_cfg = validate_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.num_devices)
+  sharding.check_batch_size('batch_size', config.batch_size, mesh, config.grad_accum_steps)
+  sharding.check_batch_size('eval_batch_size', config.eval_batch_size, mesh)
+  checkpointing.save_config(config, workdir)
+  logging.info('Devices: %d (%s), processes: %d; workdir %s', mesh.size,
+               jax.devices()[0].platform, jax.process_count(), workdir)
+
+  task = make_task_data(config, model_cfg, workdir)
+  model = ReformerLM(model_cfg)
+  schedule = make_schedule(config)
+  tx = make_optimizer(config, schedule)
+  root_key = jax.random.PRNGKey(config.seed)
+  abstract, shardings, init = create_train_state(
+      model, tx, config, mesh, jax.random.fold_in(root_key, INIT))
+  train_key = sharding.replicate(jax.random.fold_in(root_key, TRAIN), mesh)
+
+  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep
+                                            or None)
+  writer = tracking.create_writer(config, workdir)
+  try:
+    state = checkpointer.restore_latest(abstract)
+    if state is None:
+      state = init()
+      logging.info('Initialized a new model: %s parameters.',
+                   f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
+    else:
+      logging.info('Resumed from checkpoint step %d.', int(state.step))
+    start = int(state.step)
+    compiled = compile_train_step(model, tx, schedule, config, mesh, abstract, shardings,
+                                  task.use_mask)
+    memory = compiled_memory(compiled)
+    logging.info('Compiled train step, per device: %s', ', '.join(
+        f'{k[len("memory/compiled_"):-len("_bytes")]} {v / 2**20:.1f} MiB'
+        for k, v in memory.items()))
+    writer.write_config(config.to_dict())
+    writer.write(start, {**memory, 'num_params': sum(x.size for x in jax.tree.leaves(abstract.params)),
+                         **{f'data/{k}': v for k, v in task.info.items()
+                            if isinstance(v, (int, float))}})
+    evaluator = Evaluator(config, model_cfg, task, mesh, root_key)
+    log = TrainLog(writer, start_step=start, total_steps=config.num_train_steps,
+                   every=config.log_every_steps,
+                   tokens_per_step=config.batch_size * config.data.seq_len,
+                   checkpointer=checkpointer)
+    state, result = _loop(config, state, compiled, train_key, task, mesh, log, evaluator,
+                          checkpointer, writer, workdir, start)
+  finally:
+    checkpointer.close()  # waits for in-flight saves; never saves
+    writer.close()
+  return result
+
+
+def _loop(config, state, compiled, key, task, mesh, log, evaluator, checkpointer, writer,
+          workdir, start):
+  total = config.num_train_steps
+  batches = data.make_batches(task.train, seed=config.data.seed,
+                              global_batch_size=config.batch_size, start_step=start,
+                              num_steps=max(total - start, 0),
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count(), prefetch=config.data.prefetch)
+  eval_metrics: dict[str, float] = {}
+  preempted = False
+  profile = _Profiler(workdir, start + 2, config.profile_steps)
+  if start >= total:
+    logging.info('Nothing to train: step %d >= num_train_steps %d.', start, total)
+    eval_metrics = evaluator(state.params)
+  with PreemptionWatch() as watch:
+    for step, local in zip(range(start + 1, total + 1), batches):
+      batch = sharding.global_batch(local, mesh)
+      profile.before(step)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = compiled(state, batch, key)
+      profile.after(step, state)
+      log.push(step, metrics)
+      preempted = watch.reached(step)
+      last = step == total
+      evaluate = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+      save = last or preempted or (config.checkpoint_every_steps
+                                   and step % config.checkpoint_every_steps == 0)
+      if evaluate or save:
+        log.flush()  # checks this step's metrics before anything is written
+      if save:
+        checkpointer.save(step, state)
+      if preempted:
+        checkpointer.wait()
+        logging.warning('Preempted: saved checkpoint %d in %s; rerun the same command to resume.',
+                        step, checkpointer.directory)
+        break
+      if evaluate:
+        eval_metrics = evaluator(state.params)
+        writer.write(step, eval_metrics)
+        logging.info('eval at step %d: %s', step,
+                     ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+  log.flush()
+  checkpointer.wait()
+  result = {**log.last, **eval_metrics, 'step': int(state.step), 'preempted': preempted}
+  logging.info('Final metrics at step %d: %s', result['step'], ', '.join(
+      f'{k} {v:.4f}' for k, v in sorted(result.items())
+      if k.startswith(('train/loss', 'train/accuracy', 'eval')) and isinstance(v, float)))
+  return state, result
+
+
+class _Profiler:
+  """Traces `profile_steps` steps from `first` into `<workdir>/profile` (TensorBoard/Perfetto)."""
+
+  def __init__(self, workdir, first: int, num_steps: int):
+    self.dir, self.first, self.last = pathlib.Path(workdir) / 'profile', first, first + num_steps - 1
+    self.on = num_steps > 0 and jax.process_index() == 0
+
+  def before(self, step: int):
+    if self.on and step == self.first:
+      jax.profiler.start_trace(str(self.dir))
+
+  def after(self, step: int, state):
+    if self.on and step == self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      logging.info('Wrote a profile of steps %d-%d to %s.', self.first, self.last, self.dir)

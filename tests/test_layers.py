@@ -1,0 +1,72 @@
+"""Chunked feed-forward and axial positional embeddings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reformer_jax.layers import AxialPositionalEmbedding, feed_forward
+
+
+def _ff_params(d=16, f=64, seed=0):
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  return {'w1': jax.random.normal(k[0], (d, f)) / 4, 'b1': jax.random.normal(k[1], (f,)),
+          'w2': jax.random.normal(k[2], (f, d)) / 8, 'b2': jax.random.normal(k[3], (d,))}
+
+
+def test_chunked_feed_forward_equals_unchunked_values_and_gradients():
+  params = _ff_params()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 16))
+
+  @jax.jit
+  def run(params, x):
+    outs = []
+    for chunk_len in (0, 8):
+      loss = lambda p, x: jnp.sum(jnp.sin(feed_forward(p, x, chunk_len=chunk_len)))
+      outs.append((feed_forward(params, x, chunk_len=chunk_len),
+                   jax.grad(loss, (0, 1))(params, x)))
+    return outs
+
+  (y, g), (y_chunked, g_chunked) = run(params, x)
+  np.testing.assert_allclose(y_chunked, y, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_chunked_feed_forward_bounds_backward_memory():
+  params = _ff_params(d=32, f=512)
+  x = jnp.ones((1, 4096, 32))
+
+  def temp_bytes(chunk_len):
+    grad = jax.grad(lambda p, x: jnp.sum(feed_forward(p, x, chunk_len=chunk_len)), (0, 1))
+    return jax.jit(grad).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+  # The unchunked backward keeps [4096, 512] hidden activations (8 MB); chunks of 256 do not.
+  assert temp_bytes(256) < 0.4 * temp_bytes(0)
+
+
+def test_feed_forward_dropout_uses_the_key():
+  params = _ff_params()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 16))
+  a = feed_forward(params, x, chunk_len=8, rate=0.5, key=jax.random.PRNGKey(0))
+  b = feed_forward(params, x, chunk_len=8, rate=0.5, key=jax.random.PRNGKey(0))
+  c = feed_forward(params, x, chunk_len=8, rate=0.5, key=jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  with pytest.raises(ValueError, match='not a multiple of ff_chunk_len'):
+    feed_forward(params, x, chunk_len=12)
+
+
+def test_axial_positions_factorize_and_slice():
+  module = AxialPositionalEmbedding(shape=(4, 8), dims=(6, 10))
+  params = module.init(jax.random.PRNGKey(0), 32)
+  assert sum(p.size for p in jax.tree.leaves(params)) == 4 * 6 + 8 * 10
+  full = module.apply(params, 32)
+  assert full.shape == (32, 16)
+  np.testing.assert_array_equal(module.apply(params, 11), full[:11])
+  table0, table1 = params['params']['axis_0'], params['params']['axis_1']
+  # Position 8 * r + c is [row r of axis 0, row c of axis 1].
+  np.testing.assert_array_equal(full[8 * 2 + 5], jnp.concatenate([table0[2], table1[5]]))
+  assert len(np.unique(np.asarray(full), axis=0)) == 32
+  with pytest.raises(ValueError, match='exceeds axial_shape'):
+    module.apply(params, 33)
