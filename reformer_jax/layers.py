@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reformer_jax.attention import full_attention, local_attention, lsh_attention
+from reformer_jax.attention import default_n_buckets, full_attention, local_attention, lsh_attention
 from reformer_jax.model_config import ModelConfig
 
 HASH, DROPOUT = 0, 1  # fold_in tags of a block's key
@@ -87,9 +87,14 @@ class SelfAttention(nn.Module):
                     n_chunks_after=0 if self.causal else cfg.n_chunks_after)
     if self.attention_type == 'lsh':
       hash_key = None if key is None else jax.random.fold_in(key, HASH)
+      n_buckets = cfg.n_buckets or default_n_buckets(x.shape[1], min(cfg.chunk_len, x.shape[1]))
       out, buckets = lsh_attention(q, v, rng=hash_key, n_hashes=cfg.n_hashes,
-                                   n_buckets=cfg.n_buckets, causal=self.causal, mask=mask,
+                                   n_buckets=n_buckets, causal=self.causal, mask=mask,
                                    buckets=buckets, return_buckets=True, **chunking)
+      # The reversible stack keeps these for the backward pass: store them in the smallest int.
+      total = math.prod((n_buckets,) if isinstance(n_buckets, int) else n_buckets)
+      buckets = buckets.astype(jnp.int8 if total <= 127 else jnp.int16 if total <= 32767
+                               else jnp.int32)
     elif self.attention_type == 'local':
       out = local_attention(q, k, v, causal=self.causal, mask=mask, **chunking)
     else:

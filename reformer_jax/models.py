@@ -77,17 +77,14 @@ class Stack(nn.Module):
     return (y1 + y2) / 2
 
   def _sow_balance(self, specs, replays):
-    values = [bucket_balance(r, self._n_buckets(r)) for (_, attrs, _), r in zip(specs, replays)
+    length = next((r.shape[-1] for r in replays if r is not None), None)
+    if length is None:
+      return
+    n_buckets = self.cfg.n_buckets or default_n_buckets(length, min(self.cfg.chunk_len, length))
+    values = [bucket_balance(r, n_buckets) for (_, attrs, _), r in zip(specs, replays)
               if attrs.get('attention_type') == 'lsh']
-    if values:
-      self.sow('diagnostics', 'bucket_balance', jax.lax.stop_gradient(jnp.stack(values)),
-               init_fn=lambda: None, reduce_fn=lambda _, new: new)
-
-  def _n_buckets(self, buckets):
-    if self.cfg.n_buckets is not None:
-      return self.cfg.n_buckets
-    length = buckets.shape[-1]
-    return default_n_buckets(length, min(self.cfg.chunk_len, length))
+    self.sow('diagnostics', 'bucket_balance', jax.lax.stop_gradient(jnp.stack(values)),
+             init_fn=lambda: None, reduce_fn=lambda _, new: new)
 
 
 def _pure_block(module: nn.Module, train: bool):
