@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 
 from reformer_jax import full_attention, local_attention, lsh_attention
 from reformer_jax.attention import bucket_balance, common, hash_vectors
-from reformer_jax.attention.lsh import default_n_buckets, permute
+from reformer_jax.attention.lsh import default_n_buckets, gather_rounds, permute
 
 B, L, N, H = 2, 32, 2, 8
 
@@ -201,6 +201,9 @@ def test_check_grads_custom_vjps():
     inv = jnp.argsort(perm, axis=-1)
     check_grads(lambda a: permute(a, perm, inv), (x,), order=1, modes=['rev'])
     check_grads(lambda a: permute(a, perm, inv), (x[..., 0],), order=1, modes=['rev'])
+    # Two rounds of 5 positions: slots hold positions perm % 5 of round perm // 5.
+    check_grads(lambda a: gather_rounds(a, perm % 5, inv, 2), (x[:, :, :5],), order=1,
+                modes=['rev'])
     qk, v, mask = (a.astype(jnp.float64) if a.dtype != jnp.bool_ else a for a in _inputs(length=16))
     _, buckets = lsh_attention(qk, v, rng=jax.random.PRNGKey(0), n_hashes=2, chunk_len=4,
                                causal=True, mask=mask, return_buckets=True)

@@ -111,6 +111,31 @@ def _permute_bwd(res, g):
 permute.defvjp(_permute_fwd, _permute_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_rounds(x: jax.Array, pos: jax.Array, inverse: jax.Array, n_hashes: int) -> jax.Array:
+  """Gathers `[B, N, L, F]` rows into sorted order over all rounds: `[B, N, R * L, F]`.
+
+  `pos` are the original positions of the sorted slots and `inverse` the permutation that
+  unsorts them. The gradient unsorts by a gather and sums the rounds, instead of the
+  scatter-add autodiff would emit (and without tiling `x` R times first).
+  """
+  return jnp.take_along_axis(x, pos[..., None], axis=-2)
+
+
+def _gather_rounds_fwd(x, pos, inverse, n_hashes):
+  return gather_rounds(x, pos, inverse, n_hashes), (pos, inverse)
+
+
+def _gather_rounds_bwd(n_hashes, res, g):
+  pos, inverse = res
+  g = _gather(g, inverse)  # [B, N, R * L, F] in (round, position) order
+  g = g.reshape(*g.shape[:2], n_hashes, -1, g.shape[-1]).sum(axis=2)
+  return g, None, None
+
+
+gather_rounds.defvjp(_gather_rounds_fwd, _gather_rounds_bwd)
+
+
 def bucket_balance(buckets: jax.Array, n_buckets: Buckets) -> jax.Array:
   """Largest bucket over the mean bucket size, averaged over batch, heads and rounds.
 
@@ -191,11 +216,10 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, rng: jax.Array | None, n_hashe
   _, undo_idx = jax.lax.sort((sort_idx, ticker), num_keys=1)
   pos = sort_idx % length  # [B, N, S] original position of each sorted slot
 
-  def tile(x):  # [B, N, L, ...] -> [B, N, R * L, ...], one copy per round
-    return jnp.tile(x, (1, 1, n_hashes) + (1,) * (x.ndim - 3))
-
-  sqk = permute(tile(qk_t), sort_idx, undo_idx)
-  sv = permute(tile(v_t), sort_idx, undo_idx)
+  # One gather brings queries/keys and values into sorted order for every round.
+  sorted_qkv = gather_rounds(jnp.concatenate([qk_t, v_t.astype(qk_t.dtype)], axis=-1), pos,
+                             undo_idx, n_hashes)
+  sqk, sv = sorted_qkv[..., :head_dim], sorted_qkv[..., head_dim:].astype(v.dtype)
 
   n_chunks = slots // chunk_len
   def chunk(x):  # [B, N, S, ...] -> [B, N, G, C, ...]
