@@ -2,8 +2,8 @@
 
 Any config field can be overridden, e.g. `--config.num_train_steps=100 --config.model.n_layers=4`.
 Rerunning the same command resumes from the newest checkpoint in `--workdir`. Multi-process
-runs call `jax.distributed.initialize()` first (`--distributed`; on TPU VMs and SLURM/Open MPI
-clusters JAX finds the coordinator itself).
+runs add `--distributed` (and, off TPU VMs/SLURM/Open MPI, `--coordinator_address=host:port
+--num_processes=N --process_id=i`); every process runs the same command with the same workdir.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuratio
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the '
                                'tokenizer; a rerun resumes from it.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
-                                 'before training (multi-host runs).')
+                                 'before training (multi-process runs).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port '
+                                   'of process 0; unset on TPU VMs, SLURM and Open MPI, where '
+                                   'JAX finds it.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --distributed: how many.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --distributed: this one, 0-based.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -36,7 +41,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info('JAX %s, process %d of %d, %d local devices', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count())
   try:

@@ -63,7 +63,8 @@ def check_batch_size(name: str, batch_size: int, mesh: Mesh, multiple: int = 1) 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global `jax.Array`s sharded over the `'data'` axis."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

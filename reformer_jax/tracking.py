@@ -17,7 +17,6 @@ Training talks to one small interface, `MetricWriter` (`write(step, values)`,
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
 import pathlib
@@ -44,10 +43,8 @@ class MetricWriter(Protocol):
 
 
 def _scalar(value: Any) -> float | int:
-  value = np.asarray(value).item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return value  # json writes NaN/Infinity; kept so a diverged step is visible in the log
-  return value
+  """A Python number from a number or 0-d array (NaN/Inf stay: json writes NaN/Infinity)."""
+  return np.asarray(value).item()
 
 
 class JsonlWriter:

@@ -30,7 +30,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import flax
@@ -223,7 +223,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], root_key: jax.Arr
       (_, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, i))
       return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
-    (_, (_, zero_aux)), zero_grads = jax.eval_shape(
+    (_, zero_aux), zero_grads = jax.eval_shape(
         grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), key)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero_grads, zero_aux))
     (grads, (sums, balance)), _ = jax.lax.scan(accumulate, zeros,
@@ -234,8 +234,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], root_key: jax.Arr
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': sums['loss'] / weight, 'accuracy': sums['correct'] / weight,
-             'tokens': sums['weight'], 'grad_norm': optax.global_norm(grads),
-             'param_norm': optax.global_norm(params), 'learning_rate': schedule(state.step),
+             'tokens': sums['weight'], 'grad_norm': optax.tree.norm(grads),
+             'param_norm': optax.tree.norm(params), 'learning_rate': schedule(state.step),
              'bucket_balance': balance}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -275,9 +275,9 @@ def make_task_data(config, model_cfg: ModelConfig, workdir: str | os.PathLike[st
                     per_byte=True, info={'train_bytes': len(splits['train']),
                                          'eval_bytes': len(splits['validation'])})
   # dialogue
-  train_dialogues = _limit(data.load_dialogues(root / d.train_corpus, d.train_split),
+  train_dialogues = _limit(data.load_dialogues(root / d.train_corpus, d.train_split or None),
                            d.max_train_dialogues)
-  eval_dialogues = _limit(data.load_dialogues(root / d.eval_corpus, d.eval_split),
+  eval_dialogues = _limit(data.load_dialogues(root / d.eval_corpus, d.eval_split or None),
                           d.max_eval_dialogues)
   tokenizer = _shared_tokenizer(workdir, model_cfg.vocab_size,
                                 lambda: data.iter_turn_segments(train_dialogues))
@@ -335,7 +335,7 @@ class Evaluator:
     rep = sharding.replicated(mesh)
     self.steps = {
         name: jax.jit(functools.partial(eval_step, model=ReformerLM(cfg), use_mask=task.use_mask),
-                      out_shardings=rep)
+                      out_shardings=rep, compiler_options=compiler_options(config))
         for name, cfg in eval_variants(config, model_cfg).items()}
 
   def batches(self) -> Iterator[dict[str, np.ndarray]]:
@@ -406,8 +406,8 @@ class TrainLog:
     bad = [k for k in ('loss', 'grad_norm', 'param_norm') if not np.isfinite(values[k])]
     if bad:
       latest = self.checkpointer.latest_step()
-      where = (f'the last good checkpoint, step {latest}, is intact in '
-               f'{self.checkpointer.directory}' if latest is not None else 'no checkpoint was saved')
+      where = ('no checkpoint was saved' if latest is None else
+               f'the last good checkpoint, step {latest}, is intact in {self.checkpointer.directory}')
       raise NonFiniteError(
           f'non-finite {", ".join(bad)} at step {step} (loss {values["loss"]}, grad norm '
           f'{values["grad_norm"]}, parameter norm {values["param_norm"]}); training stopped and '
@@ -424,7 +424,8 @@ class TrainLog:
     mean = lambda k: float(np.mean([v[k] for v in self.window]))
     loss = mean('loss')
     out = {'train/loss': loss, 'train/accuracy': mean('accuracy'),
-           'train/perplexity': math.exp(min(loss, 50.0)), 'train/learning_rate': mean('learning_rate'),
+           'train/perplexity': math.exp(min(loss, 50.0)),
+           'train/learning_rate': mean('learning_rate'),
            'train/grad_norm': mean('grad_norm'), 'train/param_norm': mean('param_norm'),
            'perf/step_time_s': 1.0 / rate, 'perf/steps_per_s': rate,
            'perf/tokens_per_s': rate * self.tokens_per_step}
@@ -506,6 +507,12 @@ class PreemptionWatch:
 # --------------------------------------------------------------------------- the loop
 
 
+def compiler_options(config) -> dict[str, Any] | None:
+  """XLA options of every jitted function: `config.fast_compile` lowers the backend optimization
+  level, which roughly halves compile time on CPU at some cost in step time."""
+  return {'xla_backend_optimization_level': 0} if config.fast_compile else None
+
+
 def create_train_state(model: ReformerLM, tx, config, mesh, key):
   """Abstract state and its shardings, then the real state built directly in place on devices."""
   def init(init_key):
@@ -517,7 +524,8 @@ def create_train_state(model: ReformerLM, tx, config, mesh, key):
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  return abstract, shardings, lambda: jax.jit(init, out_shardings=shardings)(key)
+  return abstract, shardings, lambda: jax.jit(init, out_shardings=shardings,
+                                              compiler_options=compiler_options(config))(key)
 
 
 def compile_train_step(model, tx, schedule, config, mesh, abstract_state, state_shardings,
@@ -528,7 +536,8 @@ def compile_train_step(model, tx, schedule, config, mesh, abstract_state, state_
   rep = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,),
+                   compiler_options=compiler_options(config))
   shape = (config.batch_size, config.data.seq_len)
   batch = {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
            'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)}
@@ -536,7 +545,7 @@ def compile_train_step(model, tx, schedule, config, mesh, abstract_state, state_
   return jitted.lower(abstract_state, batch, key).compile()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its newest readable checkpoint.
 
   Returns the last logged training metrics and the final evaluation metrics, plus 'step' and
@@ -560,97 +569,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract, shardings, init = create_train_state(
       model, tx, config, mesh, jax.random.fold_in(root_key, INIT))
   train_key = sharding.replicate(jax.random.fold_in(root_key, TRAIN), mesh)
-
-  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep
-                                            or None)
+  checkpointer = checkpointing.Checkpointer(
+      workdir, max_to_keep=config.max_checkpoints_to_keep or None)
   writer = tracking.create_writer(config, workdir)
   try:
     state = checkpointer.restore_latest(abstract)
     if state is None:
       state = init()
-      logging.info('Initialized a new model: %s parameters.',
-                   f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
+      logging.info('Initialized a new model.')
     else:
       logging.info('Resumed from checkpoint step %d.', int(state.step))
-    start = int(state.step)
+    start, total = int(state.step), config.num_train_steps
+    evaluator = Evaluator(config, model_cfg, task, mesh, root_key)
+    if start >= total:
+      logging.info('Nothing to train: step %d >= num_train_steps %d; evaluating.', start, total)
+      eval_metrics = evaluator(state.params)
+      writer.write(start, eval_metrics)
+      _log_eval(start, eval_metrics)
+      return {**eval_metrics, 'step': start, 'preempted': False}
     compiled = compile_train_step(model, tx, schedule, config, mesh, abstract, shardings,
                                   task.use_mask)
     memory = compiled_memory(compiled)
-    logging.info('Compiled train step, per device: %s', ', '.join(
-        f'{k[len("memory/compiled_"):-len("_bytes")]} {v / 2**20:.1f} MiB'
-        for k, v in memory.items()))
+    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    logging.info('%s parameters. Compiled train step, per device: %s', f'{num_params:,}',
+                 ', '.join(f'{k[len("memory/compiled_"):-len("_bytes")]} {v / 2**20:.1f} MiB'
+                           for k, v in memory.items()))
     writer.write_config(config.to_dict())
-    writer.write(start, {**memory, 'num_params': sum(x.size for x in jax.tree.leaves(abstract.params)),
+    writer.write(start, {**memory, 'num_params': num_params,
                          **{f'data/{k}': v for k, v in task.info.items()
                             if isinstance(v, (int, float))}})
-    evaluator = Evaluator(config, model_cfg, task, mesh, root_key)
-    log = TrainLog(writer, start_step=start, total_steps=config.num_train_steps,
-                   every=config.log_every_steps,
+    log = TrainLog(writer, start_step=start, total_steps=total, every=config.log_every_steps,
                    tokens_per_step=config.batch_size * config.data.seq_len,
                    checkpointer=checkpointer)
-    state, result = _loop(config, state, compiled, train_key, task, mesh, log, evaluator,
-                          checkpointer, writer, workdir, start)
+    batches = data.make_batches(task.train, seed=config.data.seed,
+                                global_batch_size=config.batch_size, start_step=start,
+                                num_steps=max(total - start, 0),
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count(), prefetch=config.data.prefetch)
+    profiler = _Profiler(workdir, start + 2, config.profile_steps)
+    eval_metrics, preempted = {}, False
+    with PreemptionWatch() as watch:
+      for step, local in zip(range(start + 1, total + 1), batches):
+        batch = sharding.global_batch(local, mesh)
+        profiler.before(step)
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          state, metrics = compiled(state, batch, train_key)
+        profiler.after(step, state)
+        log.push(step, metrics)  # reads back the previous step's metrics
+        preempted = watch.reached(step)
+        last = step == total
+        evaluate = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+        save = last or preempted or (config.checkpoint_every_steps
+                                     and step % config.checkpoint_every_steps == 0)
+        if evaluate or save:
+          log.flush()  # checks this step's metrics before anything is written
+        if save:
+          checkpointer.save(step, state)
+        if preempted:
+          checkpointer.wait()
+          logging.warning('Preempted: saved checkpoint %d in %s; rerun the same command to '
+                          'resume.', step, checkpointer.directory)
+          break
+        if evaluate:
+          eval_metrics = evaluator(state.params)
+          writer.write(step, eval_metrics)
+          _log_eval(step, eval_metrics)
+    log.flush()
   finally:
-    checkpointer.close()  # waits for in-flight saves; never saves
+    checkpointer.close()  # waits for in-flight saves; never starts one
     writer.close()
-  return result
 
-
-def _loop(config, state, compiled, key, task, mesh, log, evaluator, checkpointer, writer,
-          workdir, start):
-  total = config.num_train_steps
-  batches = data.make_batches(task.train, seed=config.data.seed,
-                              global_batch_size=config.batch_size, start_step=start,
-                              num_steps=max(total - start, 0),
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count(), prefetch=config.data.prefetch)
-  eval_metrics: dict[str, float] = {}
-  preempted = False
-  profile = _Profiler(workdir, start + 2, config.profile_steps)
-  if start >= total:
-    logging.info('Nothing to train: step %d >= num_train_steps %d.', start, total)
-    eval_metrics = evaluator(state.params)
-  with PreemptionWatch() as watch:
-    for step, local in zip(range(start + 1, total + 1), batches):
-      batch = sharding.global_batch(local, mesh)
-      profile.before(step)
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, metrics = compiled(state, batch, key)
-      profile.after(step, state)
-      log.push(step, metrics)
-      preempted = watch.reached(step)
-      last = step == total
-      evaluate = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-      save = last or preempted or (config.checkpoint_every_steps
-                                   and step % config.checkpoint_every_steps == 0)
-      if evaluate or save:
-        log.flush()  # checks this step's metrics before anything is written
-      if save:
-        checkpointer.save(step, state)
-      if preempted:
-        checkpointer.wait()
-        logging.warning('Preempted: saved checkpoint %d in %s; rerun the same command to resume.',
-                        step, checkpointer.directory)
-        break
-      if evaluate:
-        eval_metrics = evaluator(state.params)
-        writer.write(step, eval_metrics)
-        logging.info('eval at step %d: %s', step,
-                     ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-  log.flush()
-  checkpointer.wait()
   result = {**log.last, **eval_metrics, 'step': int(state.step), 'preempted': preempted}
   logging.info('Final metrics at step %d: %s', result['step'], ', '.join(
       f'{k} {v:.4f}' for k, v in sorted(result.items())
       if k.startswith(('train/loss', 'train/accuracy', 'eval')) and isinstance(v, float)))
-  return state, result
+  return result
+
+
+def _log_eval(step: int, metrics: dict[str, float]) -> None:
+  logging.info('eval at step %d: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
 
 
 class _Profiler:
   """Traces `profile_steps` steps from `first` into `<workdir>/profile` (TensorBoard/Perfetto)."""
 
   def __init__(self, workdir, first: int, num_steps: int):
-    self.dir, self.first, self.last = pathlib.Path(workdir) / 'profile', first, first + num_steps - 1
+    self.dir = pathlib.Path(workdir) / 'profile'
+    self.first, self.last = first, first + num_steps - 1
     self.on = num_steps > 0 and jax.process_index() == 0
 
   def before(self, step: int):

@@ -1,0 +1,68 @@
+"""Dialogue language model: `Person 1: ... Person 2: ...` text with a sentencepiece tokenizer.
+
+    python -m reformer_jax.main --config=configs/chatbot.py --workdir=/tmp/reformer/chatbot
+    python -m reformer_jax.main --config=configs/chatbot.py:tiny --workdir=/tmp/reformer/chatbot_tiny
+
+Trains on the Schema-Guided Dialogue corpus (train split, 16,142 dialogues; the same JSON format
+as MultiWOZ 2.2) and evaluates on the MultiWOZ 2.1 validation split (999 dialogues). The data is
+read from `config.data.data_dir`, else `$REFORMER_DATA_DIR`, else `../shared/data`. The
+tokenizer is trained on the training text at the first start and kept in the workdir
+(`tokenizer.model`); a resumed run reuses it. `tiny` trains a small model on the 128 dialogues
+of one SGD file for a quick check (under a minute on a 2-core CPU).
+"""
+
+from configs import default
+
+
+def get_config(arg: str = ''):
+  """`arg`: '' for the full model, `tiny` for the quick CPU check."""
+  if arg not in ('', 'tiny'):
+    raise ValueError(f"configs/chatbot.py:{arg}: use no argument or ':tiny'")
+  config = default.get_config()
+  config.data.task = 'dialogue'            # SGD train, MultiWOZ validation (default.py's data.*)
+  config.data.seq_len = 1024               # tokens per row; longer dialogues keep their newest turns
+  config.data.loss_on = 'all'              # learn both speakers ('replies': only Person 2)
+  config.model.vocab_size = 8000           # sentencepiece pieces (pad 0, eos 1, unk 2)
+  # Model: 6 reversible LSH layers of width 512, 4 hashes (see default.py for each field).
+  config.model.d_model = 512
+  config.model.d_ff = 2048
+  config.model.n_heads = 8
+  config.model.n_layers = 6
+  config.model.max_len = 1024
+  config.model.chunk_len = 64
+  config.model.n_hashes = 4
+  config.model.dropout = 0.1
+  # Optimization and schedules, for one accelerator.
+  config.batch_size = 32
+  config.num_train_steps = 20_000
+  config.learning_rate = 1e-3
+  config.warmup_steps = 1_000
+  config.eval_batch_size = 32
+  config.eval_every_steps = 1_000
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1_000
+  config.wandb.tags = ('chatbot',)
+  if arg == 'tiny':
+    config.data.train_corpus = 'sgd/train/dialogues_001.json.xz'  # 128 SGD training dialogues
+    config.data.train_split = ''           # train_corpus is a file
+    config.data.max_eval_dialogues = 64    # first 64 MultiWOZ validation dialogues
+    config.data.seq_len = 256
+    # A 2-layer model of width 64 and a 1000-piece tokenizer; 60 steps, evaluated at the end.
+    config.model.vocab_size = 1000
+    config.model.d_model = 64
+    config.model.d_ff = 128
+    config.model.n_heads = 2
+    config.model.n_layers = 2
+    config.model.max_len = 256
+    config.model.chunk_len = 32
+    config.model.n_hashes = 2
+    config.model.dropout = 0.0
+    config.batch_size = 16
+    config.num_train_steps = 60
+    config.learning_rate = 3e-3
+    config.warmup_steps = 20
+    config.eval_every_steps = 0
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 0
+    config.wandb.tags = ('chatbot', 'tiny')
+  return config
