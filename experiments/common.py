@@ -1,0 +1,390 @@
+"""Helpers the experiment scripts share: machine description, timing, memory checks, JSON,
+tables, plots, W&B logging and an op-level profile of a compiled function.
+
+Nothing here imports `wandb` or `matplotlib` at module level: W&B is optional (off by default)
+and plotting runs with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import statistics
+import subprocess
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+GIB = 2 ** 30
+WANDB_CHOICES = ('disabled', 'auto', 'offline', 'online')
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags.
+
+def parse_size(text: str) -> int:
+  """'4096', '4K', '64k', '1M' -> int (K = 1024, M = 1024 ** 2)."""
+  text = text.strip()
+  scale = {'k': 2 ** 10, 'm': 2 ** 20}.get(text[-1:].lower(), 1)
+  digits = text[:-1] if scale != 1 else text
+  try:
+    value = int(digits) * scale
+  except ValueError:
+    raise ValueError(f'{text!r} is not a size: use an int or a K/M suffix (4096, 4K, 1M)') from None
+  if value < 1:
+    raise ValueError(f'{text!r}: sizes must be positive')
+  return value
+
+
+def size_list(values: Iterable[str]) -> list[int]:
+  """Flattens `['1K', '2K,4K']` into `[1024, 2048, 4096]` (space or comma separated)."""
+  return [parse_size(part) for value in values for part in str(value).split(',') if part]
+
+
+def human(n: int) -> str:
+  """1024 -> '1K', 1048576 -> '1M', 1536 -> '1536'."""
+  for unit, suffix in ((2 ** 20, 'M'), (2 ** 10, 'K')):
+    if n >= unit and n % unit == 0:
+      return f'{n // unit}{suffix}'
+  return str(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine.
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+  """HEAD of the repository (read only), with '+dirty' when the tree has local changes."""
+  try:
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
+                           cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return head + ('+dirty' if dirty.strip() else '')
+
+
+def machine_info() -> dict[str, Any]:
+  """What a result was measured on: backend, device, CPU, RAM, library versions, commit, time."""
+  import flax  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+
+  device = jax.devices()[0]
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return {
+      'name': machine_name(),
+      'backend': jax.default_backend(),
+      'device': device.device_kind,
+      'device_count': jax.device_count(),
+      'cpu': _cpu_model(),
+      'cpu_cores': cpus,
+      'ram_bytes': total_ram_bytes(),
+      'device_memory_bytes': (device.memory_stats() or {}).get('bytes_limit'),
+      'jax_version': jax.__version__,
+      'jaxlib_version': jaxlib.__version__,
+      'flax_version': flax.__version__,
+      'python_version': platform.python_version(),
+      'platform': platform.platform(),
+      'git_commit': _git_commit(),
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  }
+
+
+def machine_name() -> str:
+  """A short tag for file names and plot titles: 'cpu', 'gpu-h100-80gb-hbm3', 'tpu-v4' ..."""
+  backend = jax.default_backend()
+  if backend == 'cpu':
+    return 'cpu'
+  kind = jax.devices()[0].device_kind.lower().replace('nvidia ', '')
+  return f'{backend}-' + '-'.join(kind.split())
+
+
+def machine_title(machine: Mapping[str, Any]) -> str:
+  """'cpu: AMD EPYC, 2 cores, 23 GiB, JAX 0.10.2' for plot titles and tables."""
+  if machine['backend'] == 'cpu':
+    where = f"{machine['cpu']}, {machine['cpu_cores']} cores, {machine['ram_bytes'] / GIB:.0f} GiB"
+  else:
+    where = f"{machine['device_count']}x {machine['device']}"
+  return f"{machine['backend']}: {where}, JAX {machine['jax_version']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory.
+
+def _meminfo(field: str) -> int | None:
+  try:
+    with open('/proc/meminfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def total_ram_bytes() -> int:
+  return _meminfo('MemTotal') or os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def available_memory_bytes() -> int:
+  """Memory a computation on the default device may still take.
+
+  An accelerator: its allocator's limit less what is in use. The CPU: the kernel's MemAvailable
+  (free memory plus reclaimable caches; other processes on the machine count against it).
+  """
+  stats = jax.devices()[0].memory_stats()
+  if stats and 'bytes_limit' in stats:
+    return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
+  available = _meminfo('MemAvailable')
+  if available is not None:
+    return available
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+  """`compiled.memory_analysis()` in bytes; `peak` = arguments + outputs + temporaries - aliased."""
+  argument: int
+  output: int
+  temp: int
+  alias: int
+
+  @property
+  def peak(self) -> int:
+    return self.argument + self.output + self.temp - self.alias
+
+  @classmethod
+  def of(cls, compiled) -> 'CompiledMemory':
+    m = compiled.memory_analysis()
+    return cls(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
+               temp=int(m.temp_size_in_bytes), alias=int(m.alias_size_in_bytes))
+
+
+def fits(needed: int, *, margin: float, limit: int | None = None) -> tuple[bool, str | None]:
+  """Whether `needed` bytes fit in `margin` times the available memory (and in `limit`, if
+  given: e.g. 16 GiB to ask what an accelerator of that size would hold), and a note if not."""
+  available = available_memory_bytes()
+  if needed > margin * available:
+    return False, (f'skipped: needs {needed / GIB:.2f} GiB (compiled memory analysis), more than '
+                   f'{margin:.0%} of the {available / GIB:.2f} GiB available on {machine_name()}')
+  if limit is not None and needed > limit:
+    return False, (f'skipped: needs {needed / GIB:.3f} GiB (compiled memory analysis), more '
+                   f'than the {limit / GIB:.3f} GiB limit')
+  return True, None
+
+
+def is_resource_exhausted(err: BaseException) -> bool:
+  """True for XLA's out-of-memory error (`RESOURCE_EXHAUSTED`), false for every other failure."""
+  return isinstance(err, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(err)
+
+
+def out_of_memory_note(err: BaseException) -> str:
+  first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+  return f'skipped: out of memory while running ({first[:200]})'
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+def block(tree) -> None:
+  jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, 'block_until_ready') else x, tree)
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+  """Seconds of one call of `fn`, waiting for its results."""
+  start = time.perf_counter()
+  block(fn())
+  return time.perf_counter() - start
+
+
+def median(samples: Sequence[float]) -> float | None:
+  return statistics.median(samples) if samples else None
+
+
+def spread(values: Sequence[float]) -> float | None:
+  """max / min - 1 of positive values (0.3 = the largest is 30% above the smallest)."""
+  values = [v for v in values if v]
+  return max(values) / min(values) - 1 if values else None
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> tuple[float, list[float]]:
+  """Median float32 FLOP/s of a `[size, size] @ [size, size]` matmul, and the per-call samples."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+  block(matmul(a, b))  # warm-up
+  flops = 2 * size ** 3
+  samples = [flops / time_call(lambda: matmul(a, b)) for _ in range(repeats)]
+  return statistics.median(samples), samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> pathlib.Path:
+  """Writes `obj` as indented JSON through a temporary file, so a crash leaves the old file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(obj, indent=1, allow_nan=True) + '\n', encoding='utf-8')
+  os.replace(tmp, path)
+  return path
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+  """A GitHub markdown table of `rows` (dicts) over `columns`; None prints as '-'."""
+  def cell(v):
+    if v is None:
+      return '-'
+    if isinstance(v, float):
+      return f'{v:.4g}'
+    return str(v)
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(cell(r.get(c)) for c in columns) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def log_to_wandb(mode: str, *, job: str, config: Mapping[str, Any], rows: Sequence[Mapping],
+                 columns: Sequence[str], images: Mapping[str, os.PathLike[str] | str],
+                 summary: Mapping[str, Any]) -> str | None:
+  """Logs a results table, plots and summary numbers to one W&B run; returns its mode or None.
+
+  `mode`: 'disabled' (nothing is imported), 'auto' (online with an API key, else offline, as
+  `reformer_jax.tracking.wandb_mode` decides), 'offline' or 'online'. An offline run is saved
+  under `$WANDB_DIR` (default ./wandb) for `wandb sync`.
+  """
+  if mode == 'disabled':
+    return None
+  from reformer_jax import tracking  # pylint: disable=import-outside-toplevel
+  mode = tracking.wandb_mode(mode)
+  if mode == 'disabled':
+    return None
+  import wandb  # pylint: disable=import-outside-toplevel
+
+  run = wandb.init(project='reformer-jax', job_type=job, mode=mode, config=dict(config),
+                   tags=['experiments', job], dir=os.environ.get('WANDB_DIR'))
+  table = wandb.Table(columns=list(columns),
+                      data=[[_wandb_cell(r.get(c)) for c in columns] for r in rows])
+  run.log({f'{job}/table': table,
+           **{f'{job}/{name}': wandb.Image(str(path)) for name, path in images.items()}})
+  for key, value in summary.items():
+    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+      run.summary[f'{job}/{key}'] = value
+  run.finish()
+  return mode
+
+
+def _wandb_cell(v):
+  return v if v is None or isinstance(v, (int, float, str, bool)) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op-level profile of one compiled function.
+
+_OPCODES = {'dot': 'matmul', 'convolution': 'matmul', 'sort': 'sort', 'gather': 'gather',
+            'scatter': 'scatter', 'reduce': 'reduce', 'concatenate': 'concatenate'}
+_MOVES = {'copy', 'slice', 'bitcast', 'transpose', 'pad', 'iota', 'broadcast', 'reshape',
+          'dynamic-slice', 'dynamic-update-slice', 'tuple', 'get-tuple-element', 'wrapped'}
+
+
+def _hlo_lines(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
+  """(instruction name -> its line, computation name -> its body) of compiled HLO text."""
+  lines, bodies, current = {}, {}, None
+  for line in hlo_text.splitlines():
+    stripped = line.strip()
+    if stripped.endswith('{') and ' = ' not in stripped:  # a computation's header
+      words = stripped.split()
+      current = (words[1] if words[0] == 'ENTRY' else words[0]).lstrip('%')
+      bodies[current] = ''
+    elif current is not None and ' = ' in stripped:
+      bodies[current] += stripped + '\n'
+      lines.setdefault(stripped.removeprefix('ROOT ').split(' = ')[0].lstrip('%'), stripped)
+  return lines, bodies
+
+
+def _opcode(line: str) -> str:
+  """'fusion' from '%x = f32[2]{0} fusion(...)' (tuple shapes '(s32[2], s32[2]) sort(' too)."""
+  rhs = line.split(' = ', 1)[1] if ' = ' in line else ''
+  if rhs.startswith('('):  # skip a tuple shape
+    depth = 0
+    for i, ch in enumerate(rhs):
+      depth += {'(': 1, ')': -1}.get(ch, 0)
+      if depth == 0:
+        rhs = 'tuple' + rhs[i + 1:]
+        break
+  match = re.match(r'\S+\s+([\w\-]+)\(', rhs)
+  return match.group(1) if match else 'unknown'
+
+
+def categorize(name: str, line: str, bodies: Mapping[str, str]) -> str:
+  """What an HLO op mostly does: matmul, sort, gather, scatter, reduce, concatenate,
+  elementwise (masks, exp, arithmetic) or copy (transposes, slices, pads)."""
+  opcode = _opcode(line)
+  if opcode != 'fusion':
+    return _OPCODES.get(opcode, 'copy' if opcode in _MOVES else 'elementwise')
+  if 'kind=kCustom' in line:  # a library fusion (XNNPACK/YNNPACK): look inside
+    called = line.split('calls=', 1)[1].split(',')[0].strip().lstrip('%')
+    ops = {_opcode(l) for l in bodies.get(called, '').splitlines()}
+    return 'matmul' if 'dot' in ops else 'reduce' if 'reduce' in ops else 'elementwise'
+  words = set(name.split('.')[0].split('_')) - {'fusion'}
+  for word, category in _OPCODES.items():
+    if word in words:
+      return category
+  return 'copy' if words <= _MOVES else 'elementwise'
+
+
+def op_profile(compiled, call: Callable[[], Any], *, steps: int = 3) -> list[dict[str, Any]]:
+  """Per-op wall time (ms per call, summed over threads) of `call`, a run of `compiled`.
+
+  Traces `steps` calls with `jax.profiler` and reads the trace back with
+  `jax.profiler.ProfileData`; each op is named by its HLO instruction and given a category
+  from its (fused) computation. Sorted by time, largest first.
+  """
+  import tempfile  # pylint: disable=import-outside-toplevel
+  lines, bodies = _hlo_lines(compiled.as_text())
+  block(call())
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(steps):
+        block(call())
+    path = next(pathlib.Path(tmp).rglob('*.xplane.pb'))
+    data = jax.profiler.ProfileData.from_file(str(path))
+    totals: dict[str, float] = {}
+    for plane in data.planes:
+      for line in plane.lines:
+        if line.name == 'python':
+          continue
+        for event in line.events:
+          if event.name in lines:  # HLO ops only (not the executor's own spans)
+            totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
+  rows = [{'op': name, 'ms': ns / steps / 1e6, 'category': categorize(name, lines[name], bodies),
+           'hlo': lines[name][:200]} for name, ns in totals.items()]
+  return sorted(rows, key=lambda r: -r['ms'])
