@@ -1,0 +1,464 @@
+"""Attention timing curves: full vs local vs LSH attention against sequence length (paper Fig. 5).
+
+    python -m experiments.attention_timing --quick          # a few minutes on 2 CPU cores
+    python -m experiments.attention_timing                  # 1K..64K: about an hour there
+    python -m experiments.attention_timing --profile --lengths 16K --hashes 4  # op profile
+
+Times the forward pass and the forward+backward pass (gradients of the inputs, output kept
+live) of one attention layer's kernel on `[B, L, N, H]` float32 inputs:
+
+* `full`: `jax.nn.dot_product_attention` (separate q, k), O(L^2);
+* `local`: `reformer_jax.attention.local_attention`, chunks of `--chunk-len` seeing one chunk back;
+* `lsh`: `reformer_jax.attention.lsh_attention` (shared qk) with each of `--hashes` rounds.
+
+Two regimes: `fixed_tokens` (batch * length = `--tokens`, the paper's Figure 5: flat time per
+token means linear cost) and `batch1`. Everything is compiled first (compile time is reported
+apart), each function is warmed up once (excluded), then all functions of all lengths are timed
+round-robin, `--repeats` rounds, and the median is kept: load from other processes on a shared
+machine then hits every point alike. A point whose compiled memory (`compiled.memory_analysis()`)
+does not fit in the available memory (or `--max-bytes`) is skipped with a note, and so is one
+that runs out of memory (XLA `RESOURCE_EXHAUSTED`) while running.
+
+FLOPs of the forward+backward pass follow the issue's count, 12 * R * B * L * N * H * K
+(R hash rounds, K keys per query: the chunk window `2 * chunk_len` for LSH and local, L for full
+attention, which computes every logit even when causal). `flops_fraction` divides the achieved
+FLOP/s by those of a `--matmul-size` float32 matmul timed in every round of the same run.
+
+Writes `--out` (JSON) and a PNG next to it; `--wandb` logs both to W&B; `--replot` redraws the
+PNG of an existing file; `--profile` writes `<out>_profile.json` instead (time by HLO op).
+
+    {"machine": {"backend", "device", "jax_version", "cpu", ...}, "config": {...},
+     "matmul_flops_per_s": float, "matmul": {...}, "summary": {...},
+     "points": [{"regime", "length", "batch", "attention", "n_hashes", "fwd_s", "fwd_bwd_s",
+                 "compile_s", "compile_fwd_s", "compiled_bytes", "compiled_fwd_bytes", "flops",
+                 "flops_fraction", "time_per_token_s", "repeats", "fwd_samples_s",
+                 "fwd_bwd_samples_s", "note"}, ...]}
+
+`fwd_s`, `fwd_bwd_s` are medians in seconds (None when skipped; `note` says why), `compile_s`
+is the compile time of the forward+backward function, `compiled_bytes` its compiled peak
+(arguments + outputs + temporaries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import shlex
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from experiments import common
+from reformer_jax.attention import local_attention, lsh_attention
+
+REGIMES = ('fixed_tokens', 'batch1')
+ATTENTIONS = ('full', 'local', 'lsh')
+DEFAULT_OUT = common.REPO_ROOT / 'experiments' / 'results' / 'attention_timing_cpu.json'
+TABLE_COLUMNS = ('regime', 'length', 'batch', 'attention', 'n_hashes', 'fwd_s', 'fwd_bwd_s',
+                 'compile_s', 'compiled_bytes', 'time_per_token_s', 'flops_fraction', 'note')
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  attention: str       # 'full' | 'local' | 'lsh'
+  n_hashes: int | None  # LSH hash rounds; None for full and local
+
+  @property
+  def label(self) -> str:
+    return f'lsh-{self.n_hashes}' if self.attention == 'lsh' else self.attention
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--lengths', nargs='+', default=None,
+                 help='sequence lengths, e.g. 1K 2K 4K (default 1K..64K; --quick: 1K 2K 4K)')
+  p.add_argument('--hashes', nargs='+', type=int, default=None,
+                 help='LSH hash rounds to time (default 1 2 4 8; --quick: 1 4)')
+  p.add_argument('--tokens', type=common.parse_size, default=None,
+                 help='batch * length of the fixed_tokens regime (default 64K; --quick: 4K)')
+  p.add_argument('--repeats', type=int, default=None,
+                 help='timed calls per function after one warm-up; the median is kept (default 5; '
+                      '--quick: 3)')
+  p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT,
+                 help='JSON result file; the plot is written next to it with a .png suffix')
+  p.add_argument('--quick', action='store_true',
+                 help='a few minutes on a 2-core CPU: lengths 1K 2K 4K, hashes 1 4, 4K tokens')
+  p.add_argument('--attention', nargs='+', choices=ATTENTIONS, default=list(ATTENTIONS),
+                 help='kernels to time')
+  p.add_argument('--regimes', nargs='+', choices=REGIMES, default=list(REGIMES))
+  p.add_argument('--heads', type=int, default=2,
+                 help='N attention heads (2 keeps full attention at 16K within 8 GiB)')
+  p.add_argument('--head-dim', type=int, default=64, help='H per-head width')
+  p.add_argument('--chunk-len', type=int, default=64, help='LSH and local chunk length C')
+  p.add_argument('--no-causal', dest='causal', action='store_false', help='bidirectional')
+  p.add_argument('--budget-s', type=float, default=120.0,
+                 help='time budget per timed function: fewer repeats (at least 1) when the '
+                      'warm-up call says the repeats would take longer')
+  p.add_argument('--memory-margin', type=float, default=0.7,
+                 help='run a point only if its compiled memory is below this fraction of the '
+                      'available memory')
+  p.add_argument('--max-bytes', type=common.parse_size, default=None,
+                 help='also skip points whose compiled memory exceeds this (e.g. 16384M to see '
+                      'what a 16 GiB accelerator would hold)')
+  p.add_argument('--matmul-size', type=int, default=2048,
+                 help='side of the float32 matmul whose FLOP/s are the reference')
+  p.add_argument('--profile', action='store_true',
+                 help='instead of timing: an op-level profile (jax.profiler) of LSH fwd+bwd at '
+                      'batch 1 for each of --lengths and --hashes, written to <out>_profile.json')
+  p.add_argument('--replot', action='store_true',
+                 help='measure nothing: redraw the plot and summary of an existing --out file')
+  p.add_argument('--wandb', nargs='?', const='auto', default='disabled',
+                 choices=common.WANDB_CHOICES,
+                 help="log the table and plot to W&B (bare --wandb: 'auto', offline without a key)")
+  args = p.parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args.command = shlex.join(['python', '-m', 'experiments.attention_timing', *argv])
+  quick = args.quick
+  args.lengths = common.size_list(args.lengths or (['1K', '2K', '4K'] if quick else
+                                                   ['1K', '2K', '4K', '8K', '16K', '32K', '64K']))
+  args.hashes = args.hashes or ([1, 4] if quick else [1, 2, 4, 8])
+  args.tokens = args.tokens or (4 * 1024 if quick else 64 * 1024)
+  args.repeats = args.repeats or (3 if quick else 5)
+  if args.repeats < 1 or any(h < 1 for h in args.hashes):
+    p.error('--repeats and --hashes must be positive')
+  if 'fixed_tokens' in args.regimes and args.tokens < max(args.lengths):
+    p.error(f'--tokens {args.tokens} is below the longest length {max(args.lengths)}: the '
+            f'fixed_tokens regime needs batch >= 1; raise --tokens or drop that length')
+  return args
+
+
+def variants(args) -> list[Variant]:
+  out = []
+  for attention in args.attention:
+    if attention == 'lsh':
+      out += [Variant('lsh', r) for r in args.hashes]
+    else:
+      out.append(Variant(attention, None))
+  return out
+
+
+def kernel(variant: Variant, *, chunk_len: int, causal: bool):
+  """`f(q, k, v, rng) -> [B, L, N, H]` for the variant (LSH ignores k: query/keys are shared)."""
+  if variant.attention == 'full':
+    return lambda q, k, v, rng: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  if variant.attention == 'local':
+    return lambda q, k, v, rng: local_attention(q, k, v, chunk_len=chunk_len, causal=causal)
+  return lambda q, k, v, rng: lsh_attention(q, v, rng=rng, n_hashes=variant.n_hashes,
+                                            chunk_len=chunk_len, causal=causal)
+
+
+def forward_backward(f, variant: Variant):
+  """`g(q, k, v, rng, cotangent) -> (out, input gradients)` (the output is kept live)."""
+  def g(q, k, v, rng, cotangent):
+    if variant.attention == 'lsh':
+      out, vjp = jax.vjp(lambda q, v: f(q, None, v, rng), q, v)
+    else:
+      out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, rng), q, k, v)
+    return out, vjp(cotangent)
+  return g
+
+
+def flops(variant: Variant, *, batch: int, length: int, heads: int, head_dim: int,
+          chunk_len: int) -> int:
+  """Forward+backward FLOPs, 12 * R * B * L * N * H * K (the issue's count)."""
+  chunk = min(chunk_len, length)
+  keys = length if variant.attention == 'full' else chunk * (2 if chunk < length else 1)
+  return 12 * (variant.n_hashes or 1) * batch * length * heads * head_dim * keys
+
+
+def _compile(fn, *shapes):
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*shapes).compile()
+  return compiled, time.perf_counter() - start
+
+
+def prepare(args, length: int, batch: int, regime: str) -> list[tuple[dict, list]]:
+  """Compiles every variant at one (length, batch) and checks its memory.
+
+  Returns `(point, fns)` pairs; `fns` is `[('fwd_s', call), ('fwd_bwd_s', call)]`, or empty for a
+  point skipped with a note.
+  """
+  shape = (batch, length, args.heads, args.head_dim)
+  keys = jax.random.split(jax.random.PRNGKey(length), 5)
+  q, k, v, cotangent = (jax.random.normal(key, shape, jnp.float32) for key in keys[:4])
+  rng = keys[4]
+  spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+  rng_spec = jax.ShapeDtypeStruct(rng.shape, rng.dtype)
+
+  cases = []
+  for variant in variants(args):
+    point = dict(regime=regime, length=length, batch=batch, attention=variant.attention,
+                 n_hashes=variant.n_hashes, fwd_s=None, fwd_bwd_s=None, compile_s=None,
+                 compile_fwd_s=None, compiled_bytes=None, compiled_fwd_bytes=None,
+                 flops=flops(variant, batch=batch, length=length, heads=args.heads,
+                             head_dim=args.head_dim, chunk_len=args.chunk_len),
+                 flops_fraction=None, time_per_token_s=None, repeats=0, fwd_samples_s=[],
+                 fwd_rounds=[], fwd_bwd_samples_s=[], fwd_bwd_rounds=[], note=None)
+    f = kernel(variant, chunk_len=args.chunk_len, causal=args.causal)
+    fwd, point['compile_fwd_s'] = _compile(f, spec, spec, spec, rng_spec)
+    fwd_bwd, point['compile_s'] = _compile(forward_backward(f, variant), spec, spec, spec,
+                                           rng_spec, spec)
+    point['compiled_fwd_bytes'] = common.CompiledMemory.of(fwd).peak
+    point['compiled_bytes'] = common.CompiledMemory.of(fwd_bwd).peak
+    ok, point['note'] = common.fits(max(point['compiled_bytes'], point['compiled_fwd_bytes']),
+                                    margin=args.memory_margin, limit=args.max_bytes)
+    fns = [('fwd_s', lambda fwd=fwd: fwd(q, k, v, rng)),
+           ('fwd_bwd_s', lambda g=fwd_bwd: g(q, k, v, rng, cotangent))] if ok else []
+    cases.append((point, fns))
+    print(f'compiled {_label(point)}: fwd {point["compile_fwd_s"]:.1f}s, fwd+bwd '
+          f'{point["compile_s"]:.1f}s, {point["compiled_bytes"] / common.GIB:.3f} GiB '
+          f'{point["note"] or ""}', flush=True)
+  return cases
+
+
+def _label(p) -> str:
+  return (f"{p['regime']} L={common.human(p['length'])} B={p['batch']} "
+          f"{Variant(p['attention'], p['n_hashes']).label}")
+
+
+def time_cases(cases: list[tuple[dict, list]], args, matmul_call) -> list[float]:
+  """Warms every function up once (excluded), then times them round-robin `--repeats` rounds.
+
+  Every round times the reference matmul once and every function once (a function whose warm-up
+  says its repeats would overrun `--budget-s` sits out the later rounds). Interleaving puts all
+  points under the same background load, and each sample's round is recorded
+  (`fwd_bwd_rounds`) so `summarize` can compare points within a round. Returns the matmul
+  samples (seconds), one per round.
+  """
+  budget: dict[tuple[int, str], int] = {}
+  live = []
+  for point, fns in cases:
+    if not fns:
+      continue
+    try:
+      for name, fn in fns:
+        warm = common.time_call(fn)
+        budget[id(point), name] = max(1, min(args.repeats, int(args.budget_s / max(warm, 1e-9))))
+    except jax.errors.JaxRuntimeError as err:
+      if not common.is_resource_exhausted(err):
+        raise
+      point['note'] = common.out_of_memory_note(err)
+      continue
+    live.append((point, fns))
+  common.block(matmul_call())
+  matmul_samples = []
+  for r in range(args.repeats):
+    matmul_samples.append(common.time_call(matmul_call))
+    for point, fns in live:
+      for name, fn in fns:
+        if r < budget[id(point), name]:
+          point[name.replace('_s', '_samples_s')].append(common.time_call(fn))
+          point[name.replace('_s', '_rounds')].append(r)
+    print(f'round {r + 1}/{args.repeats} done', flush=True)
+  for point, _ in live:
+    point['fwd_s'] = common.median(point['fwd_samples_s'])
+    point['fwd_bwd_s'] = common.median(point['fwd_bwd_samples_s'])
+    point['repeats'] = len(point['fwd_bwd_samples_s'])
+    point['time_per_token_s'] = point['fwd_bwd_s'] / (point['batch'] * point['length'])
+  return matmul_samples
+
+
+def _by_round(p: dict[str, Any]) -> dict[int, float]:
+  """Round -> forward+backward seconds (files without rounds: sample i was taken in round i)."""
+  samples = p.get('fwd_bwd_samples_s') or []
+  return dict(zip(p.get('fwd_bwd_rounds') or range(len(samples)), samples))
+
+
+def summarize(points: list[dict[str, Any]], matmul_rates: Sequence[float],
+              hashes: Sequence[int]) -> dict:
+  """The issue's targets, from the measured points.
+
+  The machine's load can change several-fold between rounds (the matmul of each round says by
+  how much), so ratios are taken within a round and their median over rounds is reported:
+  `flops_fraction` pairs each sample with its round's matmul rate, and a speedup pairs two
+  points' samples of the same round. `matmul_rates`: FLOP/s of each round's matmul.
+  """
+  for p in points:
+    pairs = [p['flops'] / t / matmul_rates[r] for r, t in _by_round(p).items()
+             if r < len(matmul_rates)]
+    p['flops_fraction'] = common.median(pairs)
+
+  def find(regime, attention, n_hashes, length):
+    return next((p for p in points if p['regime'] == regime and p['attention'] == attention
+                 and p['n_hashes'] == n_hashes and p['length'] == length and p['fwd_bwd_s']),
+                None)
+
+  def paired_ratio(a, b):  # median over shared rounds of a's time / b's time
+    ta, tb = _by_round(a), _by_round(b)
+    return common.median([ta[r] / tb[r] for r in ta if r in tb])
+
+  summary: dict[str, Any] = {'matmul_flops_per_s': common.median(matmul_rates),
+                             'matmul_flops_per_s_range': [min(matmul_rates), max(matmul_rates)]}
+  speedups = {}
+  for r in hashes:
+    for length in sorted({p['length'] for p in points}):
+      full, lsh = find('batch1', 'full', None, length), find('batch1', 'lsh', r, length)
+      if full and lsh:
+        speedups.setdefault(f'lsh-{r}', {})[common.human(length)] = paired_ratio(full, lsh)
+  summary['lsh_vs_full_fwd_bwd_speedup_batch1'] = speedups  # target: lsh-4 >= 15 at 16K
+  flat = {}
+  for r in hashes:
+    pts = sorted((p for p in points if p['regime'] == 'fixed_tokens' and p['attention'] == 'lsh'
+                  and p['n_hashes'] == r and p['time_per_token_s']), key=lambda p: p['length'])
+    if len(pts) >= 2:
+      # Time per token relative to the shortest length, paired by round (1.0 = as fast).
+      relative = [paired_ratio(p, pts[0]) * pts[0]['length'] * pts[0]['batch']
+                  / (p['length'] * p['batch']) for p in pts]
+      flat[f'lsh-{r}'] = {
+          'lengths': f"{common.human(pts[0]['length'])}..{common.human(pts[-1]['length'])}",
+          'per_token_vs_shortest': {common.human(p['length']): x for p, x in zip(pts, relative)
+                                    if x is not None},
+          'max_over_min_minus_1': common.spread([x for x in relative if x is not None]),
+          'max_over_min_minus_1_raw_medians': common.spread([p['time_per_token_s'] for p in pts])}
+  summary['lsh_time_per_token_spread_fixed_tokens'] = flat  # target: <= 0.3 (within +-30%)
+  fractions = [p['flops_fraction'] for p in points
+               if p['attention'] == 'lsh' and p['flops_fraction']]
+  summary['lsh_flops_fraction_max'] = max(fractions) if fractions else None  # target: >= 0.4
+  summary['lsh_flops_fraction_median'] = common.median(fractions)
+  return summary
+
+
+def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
+  """Time per token of forward+backward (solid) and forward (dashed) vs length, log-log."""
+  plt = common.pyplot()
+  regimes = [r for r in REGIMES if any(p['regime'] == r for p in result['points'])]
+  fig, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.8), squeeze=False)
+  labels = sorted({(p['attention'], p['n_hashes'] or 0) for p in result['points']},
+                  key=lambda a: (ATTENTIONS.index(a[0]), a[1]))
+  colors = {label: plt.cm.tab10(i) for i, label in enumerate(labels)}
+  for ax, regime in zip(axes[0], regimes):
+    for label in labels:
+      pts = sorted((p for p in result['points'] if p['regime'] == regime and p['fwd_bwd_s']
+                    and (p['attention'], p['n_hashes'] or 0) == label), key=lambda p: p['length'])
+      if not pts:
+        continue
+      name = label[0] if label[0] != 'lsh' else f"lsh, {label[1]} hash{'es' * (label[1] > 1)}"
+      x = [p['length'] for p in pts]
+      per_token = lambda key: [p[key] / (p['batch'] * p['length']) * 1e6 for p in pts]  # noqa: E731
+      ax.plot(x, per_token('fwd_bwd_s'), 'o-', color=colors[label], label=name)
+      ax.plot(x, per_token('fwd_s'), '--', color=colors[label], alpha=0.5, lw=1)
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    lengths = sorted({p['length'] for p in result['points']})
+    ax.set_xticks(lengths, [common.human(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel('sequence length (tokens)')
+    ax.set_ylabel('µs per token (solid: fwd+bwd, dashed: fwd)')
+    cfg = result['config']
+    what = ('batch 1' if regime == 'batch1' else
+            f"batch x length = {common.human(cfg['tokens'])}")
+    ax.set_title(f'{what}; {cfg["heads"]} heads x {cfg["head_dim"]}, chunk {cfg["chunk_len"]}'
+                 + (', causal' if cfg['causal'] else ''), fontsize=10)
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f'Attention time per token — {common.machine_title(result["machine"])}',
+               fontsize=10)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+  """Where LSH forward+backward spends its time, by HLO op and op category."""
+  result: dict[str, Any] = {'machine': common.machine_info(), 'config': {
+      k: v for k, v in vars(args).items() if k not in ('out', 'wandb')}, 'profiles': []}
+  for length in args.lengths:
+    for r in args.hashes:
+      variant = Variant('lsh', r)
+      shape = (1, length, args.heads, args.head_dim)
+      keys = jax.random.split(jax.random.PRNGKey(length), 4)
+      q, v, cotangent = (jax.random.normal(key, shape, jnp.float32) for key in keys[:3])
+      f = forward_backward(kernel(variant, chunk_len=args.chunk_len, causal=args.causal), variant)
+      compiled, _ = _compile(f, q, q, v, keys[3], cotangent)
+      rows = common.op_profile(compiled, lambda: compiled(q, q, v, keys[3], cotangent))
+      total = sum(row['ms'] for row in rows)
+      categories: dict[str, float] = {}
+      for row in rows:
+        categories[row['category']] = categories.get(row['category'], 0.0) + row['ms']
+      categories = dict(sorted(categories.items(), key=lambda kv: -kv[1]))
+      result['profiles'].append({'length': length, 'batch': 1, 'n_hashes': r, 'total_ms': total,
+                                 'categories_ms': categories, 'ops': rows[:40]})
+      print(f'lsh-{r} L={common.human(length)} batch 1: {total:.1f} ms of ops per fwd+bwd')
+      for name, ms in categories.items():
+        print(f'  {name:>12}: {ms:8.1f} ms {ms / total:6.1%}')
+      for row in rows[:10]:
+        print(f"  {row['ms']:8.1f} ms {row['category']:>12} {row['hlo'][:110]}")
+  path = args.out.with_name(args.out.stem + '_profile.json')
+  common.write_json(path, result)
+  print(f'wrote {path}')
+  return result
+
+
+def replot(args: argparse.Namespace) -> dict[str, Any]:
+  result = json.loads(args.out.read_text(encoding='utf-8'))
+  result['summary'] = summarize(result['points'], result['matmul']['samples_flops_per_s'],
+                                result['config']['hashes'])
+  common.write_json(args.out, result)
+  print(f"wrote {plot(result, args.out.with_suffix('.png'))}")
+  return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  config = {k: v for k, v in vars(args).items() if k not in ('out', 'wandb')}
+  result: dict[str, Any] = {'machine': common.machine_info(), 'config': config}
+  cases, same = [], []  # same: (regime, the case list of the first regime with that config)
+  for length in sorted(args.lengths):
+    first = None
+    for regime in args.regimes:
+      batch = args.tokens // length if regime == 'fixed_tokens' else 1
+      if first and first[0][0]['batch'] == batch:  # both regimes name the same configuration
+        same.append((regime, first))
+      else:
+        first = prepare(args, length, batch, regime)
+        cases += first
+
+  size = args.matmul_size
+  a, b = (jax.random.normal(jax.random.PRNGKey(i), (size, size), jnp.float32) for i in (0, 1))
+  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+  samples = time_cases(cases, args, lambda: matmul(a, b))
+  points = [p for p, _ in cases] + [dict(p, regime=regime) for regime, first in same
+                                    for p, _ in first]
+  order = {r: i for i, r in enumerate(REGIMES)}
+  result['points'] = sorted(points, key=lambda p: (order[p['regime']], p['length']))
+  rates = [2 * size ** 3 / t for t in samples]
+  result['matmul_flops_per_s'] = common.median(rates)
+  result['matmul'] = {'size': size, 'samples_flops_per_s': rates}
+  result['summary'] = summarize(result['points'], rates, args.hashes)
+  common.write_json(args.out, result)
+  png = plot(result, args.out.with_suffix('.png'))
+  print(common.markdown_table(result['points'], TABLE_COLUMNS))
+  print('summary:', json.dumps(result['summary'], indent=1))
+  print(f'wrote {args.out} and {png}')
+  common.log_to_wandb(args.wandb, job='attention_timing', config=config, rows=result['points'],
+                      columns=TABLE_COLUMNS, images={'plot': png},
+                      summary=_flat(result['summary']))
+  return result
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}/'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  if args.profile:
+    return profile(args)
+  return replot(args) if args.replot else run(args)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
