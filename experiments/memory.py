@@ -17,11 +17,12 @@ swept over depth (`--depths` at `--depth-length` tokens) and over length (`--len
 
 * compiled: `compiled.memory_analysis()` of the jitted step, peak = arguments + outputs +
   temporaries - donated (aliased) bytes. Always reported, also for points too big to run.
-* measured (unless `--compile-only`): the step runs once in a fresh subprocess, so each
-  configuration's numbers are its own; on the CPU, the process's peak resident set during the
-  step (the kernel's VmHWM, reset just before the step) and its increase over the resident set
-  just before the step (parameters, runtime and compiled code already resident); on an
-  accelerator, `device.memory_stats()['peak_bytes_in_use']`. A point runs only if its compiled
+* measured (unless `--compile-only`): the step runs in a fresh subprocess (after a warm-up
+  step when it is cheap), so each configuration's numbers are its own; on the CPU, the process's
+  peak resident set during the step (the larger of the kernel's VmHWM, reset just before the
+  step, and a 2 ms poll of the resident set) and its increase over the resident set just before
+  the step (`rss_step_bytes`: parameters, runtime and compiled code were already resident); on
+  an accelerator, `device.memory_stats()['peak_bytes_in_use']`. A point runs only if its compiled
   peak fits in `--memory-margin` of the available memory and its estimated time is below
   `--max-step-s`; otherwise it carries a note saying why.
 
@@ -49,6 +50,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -169,6 +171,40 @@ def _reset_peak_rss() -> bool:
     return False
 
 
+class RssSampler:
+  """Polls this process's resident set every `interval_s` on a thread; `peak` is the largest.
+
+  Complements VmHWM, which the kernel only refreshes at some events (memory released with
+  MADV_DONTNEED can leave it below the true peak); XLA runs the step on its own threads, so the
+  poller keeps running meanwhile.
+  """
+
+  def __init__(self, interval_s: float = 0.002):
+    self.interval_s, self.peak = interval_s, 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._page = os.sysconf('SC_PAGE_SIZE')
+
+  def _rss(self) -> int:
+    with open('/proc/self/statm', encoding='utf-8') as f:
+      return int(f.read().split()[1]) * self._page
+
+  def _run(self):
+    while not self._stop.is_set():
+      self.peak = max(self.peak, self._rss())
+      time.sleep(self.interval_s)
+
+  def __enter__(self) -> 'RssSampler':
+    self.peak = self._rss()
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, self._rss())
+
+
 def _emit(record: dict[str, Any]) -> None:
   print(RESULT_PREFIX + json.dumps(record), flush=True)
 
@@ -219,22 +255,23 @@ def child(point: dict[str, Any]) -> None:
     gc.collect()
     rss_before = _proc_status('VmRSS')
     reset = _reset_peak_rss()
-    start = time.perf_counter()
-    params, loss = compiled(params, tokens, rng)
-    common.block((params, loss))
-    step_s = time.perf_counter() - start
+    with RssSampler() as sampler:
+      start = time.perf_counter()
+      params, loss = compiled(params, tokens, rng)
+      common.block((params, loss))
+      step_s = time.perf_counter() - start
   except jax.errors.JaxRuntimeError as err:
     if not common.is_resource_exhausted(err):
       raise
     _emit({'note': common.out_of_memory_note(err)})
     return
-  rss_peak = _proc_status('VmHWM')
+  hwm = _proc_status('VmHWM') if reset else None
+  rss_peak = max(hwm or 0, sampler.peak)
   stats = jax.devices()[0].memory_stats() or {}
   _emit(dict(step_s=step_s, warmup=point['warmup'], loss=float(loss), rss_before_bytes=rss_before,
-             rss_peak_bytes=rss_peak if reset else None,
-             rss_step_bytes=rss_peak - rss_before if reset else None,
-             device_peak_bytes=stats.get('peak_bytes_in_use'),
-             note=None if reset else 'peak RSS could not be reset: measured peak omitted'))
+             rss_hwm_bytes=hwm, rss_sampled_peak_bytes=sampler.peak, rss_peak_bytes=rss_peak,
+             rss_step_bytes=rss_peak - rss_before,
+             device_peak_bytes=stats.get('peak_bytes_in_use')))
 
 
 # ---------------------------------------------------------------------------------------------
