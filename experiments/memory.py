@@ -20,9 +20,10 @@ swept over depth (`--depths` at `--depth-length` tokens) and over length (`--len
 * measured (unless `--compile-only`): the step runs in a fresh subprocess (after a warm-up
   step when it is cheap), so each configuration's numbers are its own; on the CPU, the process's
   peak resident set during the step (the larger of the kernel's VmHWM, reset just before the
-  step, and a 2 ms poll of the resident set) and its increase over the resident set just before
-  the step (`rss_step_bytes`: parameters, runtime and compiled code were already resident); on
-  an accelerator, `device.memory_stats()['peak_bytes_in_use']`. A point runs only if its compiled
+  step, and a 2 ms poll of the resident set) and `rss_step_bytes`, its rise over the resident
+  set once parameters and tokens were in place (runtime, compiled code and parameters were
+  already resident, so this compares with the compiled temporaries plus outputs); on an
+  accelerator, `device.memory_stats()['peak_bytes_in_use']`. A point runs only if its compiled
   peak fits in `--memory-margin` of the available memory and its estimated time is below
   `--max-step-s`; otherwise it carries a note saying why.
 
@@ -110,6 +111,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--wandb', nargs='?', const='auto', default='disabled',
                  choices=common.WANDB_CHOICES,
                  help="log the table and plot to W&B (bare --wandb: 'auto', offline without a key)")
+  p.add_argument('--replot', action='store_true',
+                 help='measure nothing: redraw the plot and tables of an existing --out file')
   p.add_argument('--child', help=argparse.SUPPRESS)  # internal: one configuration, as JSON
   args = p.parse_args(argv)
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -248,8 +251,13 @@ def child(point: dict[str, Any]) -> None:
   tokens = jax.random.randint(jax.random.PRNGKey(2), (batch, length), 1, cfg.vocab_size)
   rng = jax.random.PRNGKey(3)
   common.block((params, tokens))
+  gc.collect()
+  # Parameters, tokens, runtime and compiled code are resident: the step's own memory is what
+  # the resident set rises above this. (Measured from here rather than after the warm-up step:
+  # the allocator keeps memory the warm-up freed, and the measured step reuses it.)
+  rss_baseline = _proc_status('VmRSS')
   try:
-    if point['warmup']:  # first execution's one-off allocations (thread pools ...) excluded
+    if point['warmup']:  # its one-off allocations (thread pools ...) are then already made
       params, loss = compiled(params, tokens, rng)
       common.block((params, loss))
     gc.collect()
@@ -268,9 +276,10 @@ def child(point: dict[str, Any]) -> None:
   hwm = _proc_status('VmHWM') if reset else None
   rss_peak = max(hwm or 0, sampler.peak)
   stats = jax.devices()[0].memory_stats() or {}
-  _emit(dict(step_s=step_s, warmup=point['warmup'], loss=float(loss), rss_before_bytes=rss_before,
+  _emit(dict(step_s=step_s, warmup=point['warmup'], loss=float(loss),
+             rss_baseline_bytes=rss_baseline, rss_before_step_bytes=rss_before,
              rss_hwm_bytes=hwm, rss_sampled_peak_bytes=sampler.peak, rss_peak_bytes=rss_peak,
-             rss_step_bytes=rss_peak - rss_before,
+             rss_step_bytes=rss_peak - rss_baseline,
              device_peak_bytes=stats.get('peak_bytes_in_use')))
 
 
@@ -409,6 +418,30 @@ def headline(args, flops_per_s) -> dict[str, Any]:
   return result
 
 
+def tables(result: dict[str, Any]) -> str:
+  """Markdown: compiled peak GiB (measured step GiB) per variant, for each sweep (README)."""
+  points, cfg = result['points'], result['config']
+  variants = [v for v in VARIANTS if any(p['variant'] == v for p in points)]
+  out = []
+  for sweep, key in (('depth', 'n_layers'), ('length', 'length')):
+    what = (f"depth sweep at {common.human(cfg['depth_length'])} tokens" if sweep == 'depth'
+            else f"length sweep at {cfg['length_layers']} layers")
+    rows = []
+    for x in sorted({p[key] for p in points if p['sweep'] == sweep}):
+      row = {key: common.human(x) if key == 'length' else x}
+      for v in variants:
+        p = next((p for p in points if p['sweep'] == sweep and p['variant'] == v and p[key] == x),
+                 None)
+        if p is not None and p['compiled_bytes']:
+          row[v] = f"{p['compiled_bytes'] / common.GIB:.2f}" + (
+              f" ({p['rss_step_bytes'] / common.GIB:.2f})" if p.get('rss_step_bytes') else '')
+      rows.append(row)
+    if rows:
+      out.append(f'{what}: compiled peak GiB (measured rise of the resident set during the step, '
+                 f'GiB, where it ran)\n\n' + common.markdown_table(rows, [key, *variants]))
+  return '\n\n'.join(out)
+
+
 def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
   """Peak memory vs depth and vs length: compiled (solid) and measured step RSS (dashed)."""
   plt = common.pyplot()
@@ -465,7 +498,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   png = plot(result, args.out.with_suffix('.png'))
   rows = result['points'] + ([result['headline']] if result['headline'] else [])
   print(common.markdown_table(rows, TABLE_COLUMNS))
-  print('summary:', result['summary'])
+  print(tables(result))
+  print('summary:', json.dumps(result['summary'], indent=1))
   print(f'wrote {args.out} and {png}')
   common.log_to_wandb(args.wandb, job='memory', config=config, rows=rows, columns=TABLE_COLUMNS,
                       images={'plot': png}, summary={
@@ -479,6 +513,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
   if args.child:
     child(json.loads(args.child))
     return None
+  if args.replot:
+    result = json.loads(args.out.read_text(encoding='utf-8'))
+    print(tables(result))
+    print(f"wrote {plot(result, args.out.with_suffix('.png'))}")
+    return result
   return run(args)
 
 

@@ -65,10 +65,17 @@ def test_attention_timing_contract(tmp_path):
       assert p['fwd_bwd_rounds'] == [0, 1]
       per_round = [p['flops'] / t / rates[r]
                    for r, t in zip(p['fwd_bwd_rounds'], p['fwd_bwd_samples_s'])]
-      assert p['flops_fraction'] == pytest.approx(statistics.median(per_round))
+      assert p['flops_fraction_paired'] == pytest.approx(statistics.median(per_round))
+      assert p['flops_fraction'] == pytest.approx(
+          p['flops'] / min(p['fwd_bwd_samples_s']) / max(rates))
       assert p['time_per_token_s'] == pytest.approx(p['fwd_bwd_s'] / 512)
   lsh = [p for p in points if p['attention'] == 'lsh']
   assert lsh[0]['fwd_bwd_samples_s'] == lsh[1]['fwd_bwd_samples_s']
+  assert '| 512 | 1 | - |' in attention_timing.tables(on_disk)  # full skipped, lsh measured
+
+  out.with_suffix('.png').unlink()  # --replot redraws from the JSON alone
+  attention_timing.main(['--replot', '--out', str(out)])
+  assert _png(out.with_suffix('.png'))
 
 
 def test_timing_summary_pairs_samples_by_round():
@@ -88,11 +95,14 @@ def test_timing_summary_pairs_samples_by_round():
             point('fixed_tokens', 16384, 'lsh', 4, [])]  # skipped: ignored
   summary = attention_timing.summarize(points, matmul_rates=[100.0, 25.0], hashes=[4])
   assert summary['lsh_vs_full_fwd_bwd_speedup_batch1'] == {'lsh-4': {'16K': 15.0}}
+  assert summary['lsh_vs_full_fwd_bwd_speedup_batch1_best'] == {'lsh-4': {'16K': 15.0}}
   spread = summary['lsh_time_per_token_spread_fixed_tokens']['lsh-4']
   assert spread['lengths'] == '1K..4K'
   assert spread['max_over_min_minus_1'] == pytest.approx(0.2)
-  assert points[1]['flops_fraction'] == pytest.approx(10.0 / 2.0 / 100.0)  # both rounds agree
-  assert summary['lsh_flops_fraction_max'] == pytest.approx(0.1)
+  assert spread['max_over_min_minus_1_best'] == pytest.approx(0.2)
+  assert points[1]['flops_fraction'] == pytest.approx(10.0 / 2.0 / 100.0)  # best vs best
+  assert points[1]['flops_fraction_paired'] == pytest.approx(0.05)  # both rounds agree
+  assert summary['lsh_flops_fraction_range'] == pytest.approx([0.05, 0.1])
   assert summary['matmul_flops_per_s_range'] == [25.0, 100.0]
 
 
@@ -147,6 +157,9 @@ def test_memory_contract(tmp_path, monkeypatch):
   # The same configuration in both sweeps is measured once.
   length = {p['variant']: p for p in points if p['sweep'] == 'length'}
   assert length['standard']['rss_step_bytes'] == depth['standard', 1]['rss_step_bytes']
+  out.with_suffix('.png').unlink()
+  memory.main(['--replot', '--out', str(out)])
+  assert _png(out.with_suffix('.png'))
   ratio = on_disk['summary']['depth_ratio_max_vs_min']['standard']['compiled_bytes']
   assert ratio == pytest.approx(depth['standard', 2]['compiled_bytes']
                                 / depth['standard', 1]['compiled_bytes'])
