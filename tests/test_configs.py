@@ -16,7 +16,7 @@ from reformer_jax.model_config import ModelConfig
 CONFIGS = {  # module -> its arguments
     'default': ['', 'tiny'],
     'duplication': ['full', 'lsh1', 'lsh2', 'lsh4'],
-    'chatbot': ['', 'tiny'],
+    'chatbot': ['', 'full', 'large', 'tiny'],
     'shakespeare': ['4k', '8k', '16k', '32k', '64k'],
 }
 ALL = [(name, arg) for name, args in CONFIGS.items() for arg in args]

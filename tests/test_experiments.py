@@ -211,3 +211,39 @@ def test_wandb_is_optional_and_logs_table_plot_summary(monkeypatch, tmp_path):
   assert calls['log']['timing/table'] == ('table', ['x', 'y'], [[1, None]])
   assert calls['log']['timing/plot'] == ('image', str(png))
   assert Run.summary == {'timing/speedup': 2.5}
+
+
+def test_duplication_table(tmp_path, capsys):
+  """experiments/duplication.py: trains, evaluates with every hash count, writes the table; a
+  rerun resumes the finished run instead of training again."""
+  from experiments import duplication  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'dup.json'
+  argv = ['--train', 'lsh2', '--length', '16', '--steps', '2', '--batch', '4',
+          '--eval-examples', '8', '--d-model', '16', '--heads', '2', '--fast-compile',
+          '--workdir', str(tmp_path / 'runs'), '--out', str(out)]
+  result = duplication.main(argv)
+  on_disk = json.loads(out.read_text())
+  assert on_disk['rows'] == result['rows'] and len(on_disk['rows']) == 1
+  row = on_disk['rows'][0]
+  assert row['train'] == 'lsh2' and row['step'] == 2
+  assert set(row['eval']) == {'full', 'lsh1', 'lsh2', 'lsh4', 'lsh8'}
+  assert all(0.0 <= v <= 1.0 for v in row['eval'].values())
+  assert on_disk['config']['w_length'] == 7 and on_disk['config']['chunk_len'] == 4
+  assert '| train \\ eval | full | lsh1 | lsh2 | lsh4 | lsh8 |' in out.with_suffix('.md').read_text()
+  assert _png(out.with_suffix('.png'))
+  again = duplication.main(argv)  # finished: evaluates the checkpoint, same step
+  assert again['rows'][0]['step'] == 2
+  assert again['rows'][0]['eval']['full'] == row['eval']['full']  # full attention: deterministic
+
+
+def test_duplication_paper_setting_config():
+  """--length 1024 gives the paper's setting: chunk 64, |w| = 511, valid model config."""
+  from experiments import duplication  # pylint: disable=import-outside-toplevel
+  from reformer_jax import train  # pylint: disable=import-outside-toplevel
+  args = duplication.parse_args(['--length', '1024'])
+  config = duplication.run_config(args, 'lsh4')
+  assert args.chunk_len == 64 and config.data.seq_len == 1024 and config.model.n_hashes == 4
+  assert config.eval_n_hashes == (1, 2, 4, 8, 0)
+  train.validate_config(config)
+  with pytest.raises(SystemExit):
+    duplication.parse_args(['--length', '100', '--chunk-len', '64'])
