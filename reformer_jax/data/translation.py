@@ -1,0 +1,150 @@
+"""Parallel text for the encoder-decoder (Multi30k): sentence pairs and padded batches.
+
+Multi30k ships one gzip file per split and language (``train.de.gz``, ``val.en.gz``,
+``test_2016_flickr.en.gz``, ...); line *i* of every language file of a split is the same
+caption. Source and target share one sentencepiece vocabulary (trained on both sides of the
+training split). Every sentence ends with EOS; rows are padded with PAD (0) to fixed lengths.
+
+Batches (see :class:`TranslationExamples`)::
+
+    {'src':     int32 [B, S]    source ids, EOS-terminated, PAD after,
+     'inputs':  int32 [B, T]    target ids, EOS-terminated (the sequence the decoder models;
+                                the trainer shifts it right for teacher forcing), PAD after,
+     'weights': float32 [B, T]  1.0 at target tokens (EOS included), 0.0 at padding}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+import lzma
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .pipeline import batch_indices
+from .text import process_rows
+from .tokenizer import EOS_ID, PAD_ID, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Split names as people say them -> Multi30k's file stems.
+SPLIT_ALIASES = {"validation": "val", "dev": "val", "test": "test_2016_flickr"}
+
+
+def split_stem(split: str) -> str:
+    """'validation' -> 'val', 'test' -> 'test_2016_flickr'; Multi30k's own names pass through."""
+    return SPLIT_ALIASES.get(split, split)
+
+
+def _read_lines(directory: Path, stem: str, lang: str) -> list[str]:
+    for suffix, opener in ((".gz", gzip.open), (".xz", lzma.open), ("", open)):
+        path = directory / f"{stem}.{lang}{suffix}"
+        if path.is_file():
+            with opener(path, "rt", encoding="utf-8") as f:
+                return [line.rstrip("\n").strip() for line in f]
+    available = sorted(p.name for p in directory.glob("*")) if directory.is_dir() else []
+    raise FileNotFoundError(
+        f"No {stem}.{lang}[.gz|.xz] in {directory} (found: {', '.join(available[:12]) or 'nothing'}). "
+        f"Check config.data.train_split/eval_split (Multi30k: train, val, test_2016_flickr, ...) "
+        f"and data.src_lang/tgt_lang (en, de, fr, cs), or point data.data_dir at the data."
+    )
+
+
+def load_parallel(directory: str | os.PathLike[str], split: str, src_lang: str,
+                  tgt_lang: str) -> list[tuple[str, str]]:
+    """Sentence pairs ``(source, target)`` of a split; the ``raw/`` subfolder is looked in too.
+
+    Raises if the two sides have different line counts (mismatched files would silently pair
+    the wrong sentences) or a file is missing.
+    """
+    directory = Path(directory)
+    if not any(directory.glob(f"{split_stem(split)}.{src_lang}*")) and (directory / "raw").is_dir():
+        directory = directory / "raw"
+    stem = split_stem(split)
+    src, tgt = _read_lines(directory, stem, src_lang), _read_lines(directory, stem, tgt_lang)
+    if len(src) != len(tgt):
+        raise ValueError(f"{directory}/{stem}: {len(src)} {src_lang} lines but {len(tgt)} {tgt_lang} "
+                         f"lines; the files of a split must be line-aligned.")
+    pairs = [(s, t) for s, t in zip(src, tgt) if s and t]
+    if not pairs:
+        raise ValueError(f"{directory}/{stem}.{src_lang}/{tgt_lang}: no non-empty sentence pairs.")
+    return pairs
+
+
+def _encode(ids: Sequence[int], length: int) -> np.ndarray:
+    """EOS-terminated, PAD-filled row of ``length``; long sentences keep their first tokens."""
+    ids = list(ids)[: length - 1] + [EOS_ID]
+    row = np.full(length, PAD_ID, np.int32)
+    row[: len(ids)] = ids
+    return row
+
+
+@dataclasses.dataclass
+class TranslationExamples:
+    """Tokenized sentence pairs as padded arrays (``src [N, S]``, ``tgt [N, T]``)."""
+
+    src: np.ndarray
+    tgt: np.ndarray
+    references: list[str]          # the raw target sentences (for BLEU)
+    sources: list[str]             # the raw source sentences
+    stats: dict[str, int | float]
+
+    @classmethod
+    def build(cls, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, src_len: int,
+              tgt_len: int) -> TranslationExamples:
+        """Encodes ``pairs``; sentences longer than ``src_len``/``tgt_len - 1`` tokens are cut
+        (counted in ``stats``; evaluation still scores against the full reference)."""
+        if src_len < 2 or tgt_len < 2:
+            raise ValueError(f"src_len={src_len} and tgt_len={tgt_len} must be >= 2 (tokens + EOS).")
+        n = len(pairs)
+        src = np.full((n, src_len), PAD_ID, np.int32)
+        tgt = np.full((n, tgt_len), PAD_ID, np.int32)
+        cut_src = cut_tgt = 0
+        lengths = []
+        encode = getattr(tokenizer, "encode_batch", None)
+        src_ids = encode([s for s, _ in pairs]) if encode else [tokenizer.encode(s) for s, _ in pairs]
+        tgt_ids = encode([t for _, t in pairs]) if encode else [tokenizer.encode(t) for _, t in pairs]
+        for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+            cut_src += len(s) + 1 > src_len
+            cut_tgt += len(t) + 1 > tgt_len
+            lengths.append(len(t) + 1)
+            src[i] = _encode(s, src_len)
+            tgt[i] = _encode(t, tgt_len)
+        stats = {"pairs": n, "truncated_sources": cut_src, "truncated_targets": cut_tgt,
+                 "mean_target_tokens": float(np.mean(lengths)) if lengths else 0.0}
+        if cut_src or cut_tgt:
+            logger.info("src_len=%d, tgt_len=%d: truncated %d sources and %d targets of %d pairs.",
+                        src_len, tgt_len, cut_src, cut_tgt, n)
+        return cls(src=src, tgt=tgt, references=[t for _, t in pairs],
+                   sources=[s for s, _ in pairs], stats=stats)
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """``{'src', 'inputs', 'weights'}`` rows for the given example indices."""
+        tgt = self.tgt[indices]
+        return {"src": self.src[indices], "inputs": tgt, "weights": (tgt != PAD_ID).astype(np.float32)}
+
+    def batch(self, step: int, *, seed: int, global_batch_size: int, process_index: int = 0,
+              process_count: int = 1) -> dict[str, np.ndarray]:
+        """Local rows of the global batch of ``step`` (a seeded permutation per epoch)."""
+        rows = process_rows(global_batch_size, process_index, process_count)
+        return self.rows(batch_indices(seed, step, global_batch_size, len(self))[rows])
+
+    def eval_batches(self, *, batch_size: int, process_index: int = 0,
+                     process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Every pair once, in order; the last global batch is padded with all-PAD rows (weight 0)."""
+        rows = process_rows(batch_size, process_index, process_count)
+        for start in range(0, len(self), batch_size):
+            indices = np.arange(start, start + batch_size)[rows]
+            real = indices[indices < len(self)]
+            out = self.rows(real)
+            if len(real) < len(indices):
+                pad = len(indices) - len(real)
+                out = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in out.items()}
+            yield out
