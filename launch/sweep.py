@@ -19,7 +19,9 @@ Layout of a sweep root (default `workdir/sweeps/<sweep name>` in the repository)
     <root>/sweep.pid              the runner's pid while it runs (`kill -TERM $(cat ...)` stops it)
 
 The run's workdir is `<root>/<run>` too, unless `--workdirs` puts workdirs elsewhere (say
-`gs://bucket/sweep`); logs and markers stay under `--root`.
+`gs://bucket/sweep`, for `reformer_jax.main` runs, which write there through `etils.epath`);
+logs and markers stay under `--root`. The runner reads a bucket workdir's config.json and
+metrics.jsonl through epath as well (gcsfs and Google credentials: see the README).
 
 Resuming: rerunning the same command skips every run with a marker whose recorded command is
 the one the sweep gives now; every other run starts again in its workdir, where
@@ -76,8 +78,9 @@ class Sweep:
   name: str                                  # names the default root, workdir/sweeps/<name>
   command: Sequence[str]                     # argv; '{python}' and '{workdir}' are filled in
   points: Sequence[Mapping[str, Any]]        # one run per point; each item adds '--key=value'
-  # The headline numbers of a finished run, from its workdir (default: training metrics).
-  summarize: Callable[[pathlib.Path], Mapping[str, Any]] | None = None
+  # The headline numbers of a finished run, from its workdir (default: training metrics), given
+  # as a pathlib.Path, or an etils.epath.Path (the same methods) for a bucket workdir.
+  summarize: Callable[[Any], Mapping[str, Any]] | None = None
 
 
 def grid(axes: Mapping[str, Iterable[Any]]) -> list[dict[str, Any]]:
@@ -192,11 +195,31 @@ def is_finished(run: Run) -> bool:
   return marker is not None and marker.get('command') == list(run.template)
 
 
+def workdir_path(workdir: str):
+  """A run's workdir as a path: `pathlib.Path`, or `etils.epath.Path` for a bucket URL (epath
+  is imported only then; it imports no JAX)."""
+  if '://' not in workdir:
+    return pathlib.Path(workdir)
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  return epath.Path(workdir)
+
+
 def training_progress(workdir: str) -> tuple[int, int] | None:
   """(last logged step, num_train_steps) of a `reformer_jax.main` run; None when `workdir` is
-  not a local training workdir (no `config.json`, or a bucket path)."""
-  path = pathlib.Path(workdir)
-  if '://' in workdir or not (path / TRAIN_CONFIG_FILE).is_file():
+  not a training workdir (no `config.json`) or, for a bucket, cannot be read (reported)."""
+  path = workdir_path(workdir)
+  try:
+    return _training_progress(path)
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs/credential errors vary
+    if '://' not in workdir:
+      raise
+    print(f'launch.sweep: cannot read {workdir} ({type(e).__name__}: {e}); its progress is '
+          f'not checked', file=sys.stderr)
+    return None
+
+
+def _training_progress(path) -> tuple[int, int] | None:
+  if not (path / TRAIN_CONFIG_FILE).is_file():
     return None
   total = json.loads((path / TRAIN_CONFIG_FILE).read_text()).get('num_train_steps')
   if total is None:
@@ -204,7 +227,7 @@ def training_progress(workdir: str) -> tuple[int, int] | None:
   return max([-1] + [r['step'] for r in _records(path / TRAIN_METRICS_FILE)]), total
 
 
-def training_summary(workdir: pathlib.Path) -> dict[str, Any]:
+def training_summary(workdir) -> dict[str, Any]:
   """The last logged value of `step` and every loss and accuracy in `metrics.jsonl`."""
   out: dict[str, Any] = {}
   for record in _records(workdir / TRAIN_METRICS_FILE):
@@ -213,7 +236,7 @@ def training_summary(workdir: pathlib.Path) -> dict[str, Any]:
   return out
 
 
-def _records(path: pathlib.Path) -> list[dict[str, Any]]:
+def _records(path) -> list[dict[str, Any]]:
   """The JSON lines of `path` ([] if missing); a torn last line (a killed writer) is left out."""
   if not path.is_file():
     return []
@@ -424,10 +447,10 @@ def write_summary(sweep: Sweep, runs: Sequence[Run], outcomes: Mapping[str, Outc
   for run in runs:
     outcome = outcomes[run.name]
     numbers: Mapping[str, Any] = {}
-    if outcome.status in ('done', 'skipped', 'incomplete') and '://' not in run.workdir:
+    if outcome.status in ('done', 'skipped', 'incomplete'):
       try:
-        numbers = summarize(pathlib.Path(run.workdir))
-      except (OSError, ValueError, KeyError) as e:
+        numbers = summarize(workdir_path(run.workdir))
+      except (OSError, ValueError, KeyError, ImportError) as e:
         numbers = {'summary_error': f'{type(e).__name__}: {e}'}
     rows.append({'name': run.name, 'status': outcome.status, 'seconds': outcome.seconds,
                  'note': outcome.note, 'point': run.point, 'workdir': run.workdir, **numbers})
@@ -491,9 +514,10 @@ def wandb_run(sweep: Sweep, root: pathlib.Path, agent_args: Sequence[str], *,
   if dry_run:
     print(_describe(run, 'run'), file=out)
     return 0
-  if '://' not in run.workdir:
-    pathlib.Path(run.workdir).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(run.workdir) / WANDB_RUN_ID_FILE).write_text(run_id)
+  workdir = workdir_path(run.workdir)
+  if '://' not in run.workdir:  # a bucket has no folders to make
+    workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / WANDB_RUN_ID_FILE).write_text(run_id)
   if is_finished(run):
     print(f'{run.name}: finished earlier', file=out)
     return 0

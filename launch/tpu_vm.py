@@ -274,13 +274,26 @@ def sweep_steps(args, target: Target) -> list[Step]:
 
 
 def fetch_steps(args, target: Target) -> list[Step]:
-  """Copies remote paths (relative to the repository there) here, or to a gs:// bucket."""
+  """Copies remote paths (relative to the repository there) here, or to a gs:// bucket.
+
+  A path that is a bucket URL (a run trained with `--workdir=gs://...`) is not on the machine:
+  `gcloud storage rsync` copies it from here, to `--to/<its last name>`.
+  """
+  paths = args.paths or ['workdir']
+  buckets = [p for p in paths if '://' in p]
+  paths = [p for p in paths if '://' not in p]
+  steps = []
+  if buckets and '://' not in args.to:
+    steps.append(Step(('mkdir', '-p', args.to)))
+  steps += [Step(('gcloud', 'storage', 'rsync', '--recursive', p,
+                  f'{args.to.rstrip("/")}/{posixpath.basename(p.rstrip("/"))}'))
+            for p in buckets]
+  if not paths:
+    return steps
   if target.kind == 'local':
     raise SystemExit('fetch copies from a TPU VM or an ssh host; with --host=local the files are '
-                     'already here')
-  paths = args.paths or ['workdir']
+                     'already here (give gs:// paths to copy from a bucket)')
   worker = args.worker or '0'
-  steps = []
   if args.to.startswith('gs://'):
     copies = [shlex.join(['gcloud', 'storage', 'rsync', '--recursive', p,
                           f'{args.to.rstrip("/")}/{posixpath.basename(p.rstrip("/"))}'])
@@ -288,7 +301,8 @@ def fetch_steps(args, target: Target) -> list[Step]:
     script = ' && '.join([*target.prologue(), *copies])
     steps.append(Step(tuple(target.shell(script, worker=worker))))
     return steps
-  steps.append(Step(('mkdir', '-p', args.to)))
+  if not buckets:
+    steps.append(Step(('mkdir', '-p', args.to)))
   for p in paths:
     remote = p if p.startswith(('/', '~')) else posixpath.join(target.remote_dir, p)
     steps.append(Step(tuple(target.copy_from(remote, args.to, worker=worker))))
@@ -406,7 +420,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   w.add_argument('--only', nargs='+', help='only runs whose names match these globs')
   f = sub.add_parser('fetch', parents=[target, remote],
                      help='copy results and checkpoints here, or to a gs:// bucket')
-  f.add_argument('paths', nargs='*', help='paths there, relative to the repository (default workdir)')
+  f.add_argument('paths', nargs='*', help='paths there, relative to the repository (default '
+                 'workdir), or gs:// workdirs (copied from the bucket by gcloud here)')
   f.add_argument('--to', required=True, help='local folder, or gs://bucket/path')
   d = sub.add_parser('delete', parents=[target], help='delete a TPU VM')
   d.add_argument('--yes', action='store_true', help="don't ask for confirmation (gcloud --quiet)")

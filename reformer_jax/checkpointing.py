@@ -7,6 +7,9 @@ Layout of a workdir:
     <workdir>/unreadable_checkpoints/     checkpoints that failed to restore, moved aside
     <workdir>/tokenizer.model             kept there by `reformer_jax.data` (dialogue runs)
 
+The workdir is a local folder or a bucket URL (`gs://bucket/run`): paths are `etils.epath`
+paths, and Orbax writes through epath and tensorstore, which handle both (`reformer_jax.storage`).
+
 Nothing about the input pipeline is saved: every batch is a pure function of (seed, step), so
 the step inside the state is the whole data position.
 
@@ -21,14 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
-import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from reformer_jax import storage
 
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'unreadable_checkpoints'
@@ -44,12 +48,12 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike[str], *, max_to_keep: int | None = 3,
                async_save: bool = True):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = storage.path(workdir)
     self.directory = self.workdir / CHECKPOINT_DIR
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
-                                         item_names=('state',))
+    directory = self.directory if storage.is_remote(self.directory) else self.directory.absolute()
+    self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state',))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -69,6 +73,15 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored.state
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only `state.params` of checkpoint `step`, into `abstract_params` (`jax.ShapeDtypeStruct`s
+    with shardings): an Orbax partial restore, so inference never builds nor reads the optimizer
+    state."""
+    item = {'params': abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+    return self.manager.restore(step, args=ocp.args.Composite(state=args)).state['params']
 
   def restore_latest(self, abstract_state: Any) -> Any | None:
     """The newest checkpoint that can be read, or None when there is none at all.
@@ -98,8 +111,7 @@ class Checkpointer:
   def _move_aside(self, step: int) -> None:
     if jax.process_index() == 0:
       target = self.workdir / UNREADABLE_DIR / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
-      target.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(self.directory / str(step)), str(target))
+      storage.move_tree(self.directory / str(step), target)
       logging.error('Moved unreadable checkpoint %d to %s.', step, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'move_aside_checkpoint_{step}')
@@ -119,17 +131,14 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0][:300] if text else ''
 
 
-def save_config(config, workdir: str | os.PathLike[str]) -> pathlib.Path:
-  """Writes `<workdir>/config.json` (process 0) and returns its path."""
-  path = pathlib.Path(workdir) / CONFIG_FILE
+def save_config(config, workdir: str | os.PathLike[str]) -> epath.Path:
+  """Writes `<workdir>/config.json` atomically (process 0) and returns its path."""
+  path = storage.path(workdir) / CONFIG_FILE
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    storage.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
   return path
 
 
 def load_config_dict(workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """The configuration a run in `workdir` last started with, as a dict."""
-  return json.loads((pathlib.Path(workdir) / CONFIG_FILE).read_text())
+  return json.loads((storage.path(workdir) / CONFIG_FILE).read_text())

@@ -64,7 +64,7 @@ from reformer_jax.attention import common, default_n_buckets, hash_vectors
 from reformer_jax.data.tokenizer import EOS_ID, PAD_ID
 from reformer_jax.layers import HASH, LayerNorm, feed_forward
 from reformer_jax.model_config import ModelConfig
-from reformer_jax.models import DECODER
+from reformer_jax.models import DECODER, ReformerEncoderDecoder
 
 
 class LayerCache(NamedTuple):
@@ -293,6 +293,11 @@ def teacher_forced_logits(cfg: ModelConfig, params, tokens: jax.Array,
   return logits.transpose(1, 0, 2)
 
 
+def _stop_ids(eos_id: int | Sequence[int]) -> jax.Array:
+  """`[S]` int32 ids that end a row (traced: changing them does not recompile, their count does)."""
+  return jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
+
+
 def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0,
                   top_p=1.0) -> jax.Array:
   """`[B, V]` logits -> `[B]` ids: argmax at temperature 0, else a sample from
@@ -319,18 +324,20 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0, top_k=0
 def generate(cfg: ModelConfig, params, prompt: jax.Array, prompt_mask: jax.Array | None = None,
              *, max_new_tokens: int, rng: jax.Array | None = None, temperature=0.0,
              top_k=0, top_p=1.0, cache_len: int | None = None,
-             hash_key: jax.Array | None = None, eos_id: int = EOS_ID,
+             hash_key: jax.Array | None = None, eos_id: int | Sequence[int] = EOS_ID,
              pad_id: int = PAD_ID) -> jax.Array:
   """Greedy (temperature 0) or sampled continuation of `[B, P]` prompts.
 
   Returns `[B, max_new_tokens]` ids: a row stops after its first `eos_id` (included) and is
-  `pad_id` from there on. The loop ends early once every row has stopped. One compilation per
-  (cfg, prompt shape, max_new_tokens, cache_len): `temperature`, `top_k`, `top_p`, `eos_id` and
-  `pad_id` are traced. Sampling needs `rng`; without one, `PRNGKey(0)` (greedy ignores it).
+  `pad_id` from there on. `eos_id` may be several ids, any of which stops a row (a dialogue model
+  stops at EOS or where it starts the next speaker's label). The loop ends early once every row
+  has stopped. One compilation per (cfg, prompt shape, max_new_tokens, cache_len): `temperature`,
+  `top_k`, `top_p`, `eos_id` and `pad_id` are traced. Sampling needs `rng`; without one,
+  `PRNGKey(0)` (greedy ignores it).
   """
   _check_positions(cfg, prompt.shape[1] + max_new_tokens)
   mask = jnp.ones(prompt.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
-  settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
+  settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), _stop_ids(eos_id),
               jnp.int32(pad_id))
   return _generate(cfg, max_new_tokens, cache_len, params, jnp.asarray(prompt, jnp.int32), mask,
                    jax.random.PRNGKey(0) if rng is None else rng, _hash_key(cfg, hash_key),
@@ -359,7 +366,7 @@ def _generate(cfg, max_new_tokens, cache_len, params, prompt, mask, rng, hash_ke
     drawn = jnp.where(done, pad_id, drawn)
     column = jnp.minimum(s, length - 1)
     tokens = jnp.where(in_prompt, prompt[:, column], drawn)
-    ended = done | (~in_prompt & (drawn == eos_id))
+    ended = done | (~in_prompt & jnp.isin(drawn, eos_id))
     real = jnp.where(in_prompt, mask[:, column], ~ended)  # an EOS is emitted, never fed
     out = jnp.where(in_prompt, out, out.at[:, s - length].set(drawn))
     logits, cache = decode_step(cfg, params, cache, tokens, real=real, hash_key=hash_key)
@@ -380,14 +387,15 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
 def beam_search(cfg: ModelConfig, params, prompt: jax.Array, prompt_mask: jax.Array | None = None,
                 *, beam_size: int, max_new_tokens: int, alpha=0.6,
                 cache_len: int | None = None, hash_key: jax.Array | None = None,
-                eos_id: int = EOS_ID, pad_id: int = PAD_ID):
+                eos_id: int | Sequence[int] = EOS_ID, pad_id: int = PAD_ID):
   """Batched beam search over `[B, P]` prompts.
 
   K = `beam_size` hypotheses per row. Each step extends every unfinished hypothesis by every
   id; a finished one (it emitted `eos_id`) has a single extension, `pad_id` at no cost, so it
   keeps its score and length. The K best of the K * V candidates by `logp / length_penalty`
   (GNMT, `alpha`) survive: unfinished ones all have the same length, so among them this is the
-  raw log probability; finished ones compete through the penalty. The search stops when all K
+  raw log probability; finished ones compete through the penalty. `eos_id` may be several ids
+  (as for `generate`). The search stops when all K
   are finished or after `max_new_tokens`; with K = 1 it is greedy decoding.
 
   Returns:
@@ -398,9 +406,47 @@ def beam_search(cfg: ModelConfig, params, prompt: jax.Array, prompt_mask: jax.Ar
   if not 1 <= beam_size <= cfg.vocab_size:
     raise ValueError(f'beam_size must be in [1, vocab_size = {cfg.vocab_size}], got {beam_size}')
   mask = jnp.ones(prompt.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
-  settings = (jnp.float32(alpha), jnp.int32(eos_id), jnp.int32(pad_id))
+  settings = (jnp.float32(alpha), _stop_ids(eos_id), jnp.int32(pad_id))
   return _beam_search(cfg, beam_size, max_new_tokens, cache_len, params,
                       jnp.asarray(prompt, jnp.int32), mask, _hash_key(cfg, hash_key), settings)
+
+
+def _beam_extend(last, logp, seqs, done, lengths, column, *, alpha, eos_id, pad_id):
+  """One beam step: the K best extensions of each row's beams, and their parents.
+
+  Args:
+    last: `[B * K, V]` next-token logits of every beam (a row's beams adjacent).
+    logp, done, lengths: `[B, K]` summed log probabilities, finished flags, reply lengths.
+    seqs: `[B, K, T]` tokens so far; the chosen tokens are written at `column`.
+  Returns:
+    `(parent [B, K], tokens [B, K], logp, seqs, done, lengths)` after the step.
+  """
+  batch, k = logp.shape
+  vocab = last.shape[-1]
+  pad_only = jnp.where(jnp.arange(vocab) == pad_id, 0.0, -jnp.inf)  # a finished beam's extension
+  step = jax.nn.log_softmax(last).reshape(batch, k, vocab)
+  step = jnp.where(done[..., None], pad_only, step)
+  total = logp[..., None] + step  # [B, K, V]
+  new_len = lengths + (~done).astype(jnp.int32)
+  score = total / length_penalty(new_len, alpha)[..., None]
+  _, flat = jax.lax.top_k(score.reshape(batch, k * vocab), k)  # [B, K]
+  parent, tokens = flat // vocab, (flat % vocab).astype(jnp.int32)
+  pick = lambda x: jnp.take_along_axis(x, parent, axis=1)
+  logp = jnp.take_along_axis(total.reshape(batch, k * vocab), flat, axis=1)
+  parent_done, lengths = pick(done), pick(new_len)
+  tokens = jnp.where(parent_done, pad_id, tokens)
+  seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1)
+  seqs = seqs.at[:, :, column].set(tokens)
+  return parent, tokens, logp, seqs, parent_done | jnp.isin(tokens, eos_id), lengths
+
+
+def _best_first(logp, seqs, lengths, alpha):
+  """Sorts each row's K hypotheses by length-penalized score: `(best, all)` as beam search returns."""
+  scores = logp / length_penalty(lengths, alpha)
+  order = jnp.argsort(-scores, axis=1)
+  seqs = jnp.take_along_axis(seqs, order[..., None], axis=1)
+  scores = jnp.take_along_axis(scores, order, axis=1)
+  return (seqs[:, 0], scores[:, 0]), (seqs, scores)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -412,7 +458,6 @@ def _beam_search(cfg, k, max_new_tokens, cache_len, params, prompt, mask, hash_k
   vocab = cfg.vocab_size
   tile = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], a row's beams adjacent
   prompt, mask = tile(prompt), tile(mask)
-  pad_only = jnp.where(jnp.arange(vocab) == pad_id, 0.0, -jnp.inf)  # a finished beam's extension
   own_rows = jnp.arange(batch * k).reshape(batch, k) % k
 
   def cond(carry):
@@ -420,21 +465,8 @@ def _beam_search(cfg, k, max_new_tokens, cache_len, params, prompt, mask, hash_k
     return (s < length + max_new_tokens) & ~((s >= length) & jnp.all(done))
 
   def select(last, logp, seqs, done, lengths, s):
-    """One beam step: the K best extensions of each row's beams, and their parents."""
-    step = jax.nn.log_softmax(last).reshape(batch, k, vocab)
-    step = jnp.where(done[..., None], pad_only, step)
-    total = logp[..., None] + step  # [B, K, V]
-    new_len = lengths + (~done).astype(jnp.int32)
-    score = total / length_penalty(new_len, alpha)[..., None]
-    _, flat = jax.lax.top_k(score.reshape(batch, k * vocab), k)  # [B, K]
-    parent, tokens = flat // vocab, (flat % vocab).astype(jnp.int32)
-    pick = lambda x: jnp.take_along_axis(x, parent, axis=1)
-    logp = jnp.take_along_axis(total.reshape(batch, k * vocab), flat, axis=1)
-    parent_done, lengths = pick(done), pick(new_len)
-    tokens = jnp.where(parent_done, pad_id, tokens)
-    seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1)
-    seqs = seqs.at[:, :, s - length].set(tokens)
-    return parent, tokens, logp, seqs, parent_done | (tokens == eos_id), lengths
+    return _beam_extend(last, logp, seqs, done, lengths, s - length, alpha=alpha, eos_id=eos_id,
+                        pad_id=pad_id)
 
   def body(carry):
     s, last, cache, logp, seqs, done, lengths = carry
@@ -459,11 +491,60 @@ def _beam_search(cfg, k, max_new_tokens, cache_len, params, prompt, mask, hash_k
            jnp.full((batch, k, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, k), bool),
            jnp.zeros((batch, k), jnp.int32))
   _, _, _, logp, seqs, _, lengths = jax.lax.while_loop(cond, body, carry)
-  scores = logp / length_penalty(lengths, alpha)
-  order = jnp.argsort(-scores, axis=1)
-  seqs = jnp.take_along_axis(seqs, order[..., None], axis=1)
-  scores = jnp.take_along_axis(scores, order, axis=1)
-  return (seqs[:, 0], scores[:, 0]), (seqs, scores)
+  return _best_first(logp, seqs, lengths, alpha)
+
+
+def translate(cfg: ModelConfig, params, src: jax.Array, src_mask: jax.Array | None = None, *,
+              beam_size: int = 4, max_len: int, alpha=0.6, eos_id: int | Sequence[int] = EOS_ID,
+              pad_id: int = PAD_ID):
+  """Beam search with a `ReformerEncoderDecoder(cfg)` over `[B, S]` source ids.
+
+  The source is encoded once; every step reruns the decoder over the `[B * K, max_len]` target
+  prefix (causal, so the padding after the prefix does not matter) and extends the beams as
+  `beam_search` does (GNMT length penalty `alpha`, EOS ends a hypothesis). Without a cache each
+  step costs O(max_len) decoder positions: meant for sentence-length targets. K = 1 is greedy.
+
+  Returns:
+    `(tokens [B, max_len], scores [B])` of the best hypothesis (`pad_id` after its EOS), and
+    `(all_tokens [B, K, max_len], all_scores [B, K])`, best first.
+  """
+  if max_len > cfg.max_len:
+    raise ValueError(f'translate: max_len={max_len} exceeds the model\'s max_len={cfg.max_len}')
+  if not 1 <= beam_size <= cfg.vocab_size:
+    raise ValueError(f'beam_size must be in [1, vocab_size = {cfg.vocab_size}], got {beam_size}')
+  src = jnp.asarray(src, jnp.int32)
+  mask = src != pad_id if src_mask is None else jnp.asarray(src_mask, bool)
+  settings = (jnp.float32(alpha), _stop_ids(eos_id), jnp.int32(pad_id))
+  return _translate(cfg, beam_size, max_len, params, src, mask, settings)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _translate(cfg, k, max_len, params, src, src_mask, settings):
+  alpha, eos_id, pad_id = settings
+  model = ReformerEncoderDecoder(cfg)
+  batch = src.shape[0]
+  variables = {'params': params}
+  encoded = model.apply(variables, src, src_mask=src_mask, method=model.encode)
+  encoded, src_mask = jnp.repeat(encoded, k, axis=0), jnp.repeat(src_mask, k, axis=0)
+
+  def cond(carry):
+    t, _, _, done, _ = carry
+    return (t < max_len) & ~jnp.all(done)
+
+  def body(carry):
+    t, logp, seqs, done, lengths = carry
+    prefix = jnp.pad(seqs.reshape(batch * k, max_len), ((0, 0), (1, 0)))[:, :max_len]
+    logits = model.apply(variables, prefix, encoded, src_mask=src_mask, method=model.decode)
+    last = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)  # [B * K, V]
+    _, _, logp, seqs, done, lengths = _beam_extend(last, logp, seqs, done, lengths, t,
+                                                   alpha=alpha, eos_id=eos_id, pad_id=pad_id)
+    return t + 1, logp, seqs, done, lengths
+
+  logp = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1))
+  carry = (jnp.int32(0), logp, jnp.full((batch, k, max_len), pad_id, jnp.int32),
+           jnp.zeros((batch, k), bool), jnp.zeros((batch, k), jnp.int32))
+  _, logp, seqs, _, lengths = jax.lax.while_loop(cond, body, carry)
+  return _best_first(logp, seqs, lengths, alpha)
 
 
 def mbr_select(texts: Sequence[str]) -> int:
@@ -485,11 +566,13 @@ def mbr_select(texts: Sequence[str]) -> int:
 
 def mbr_decode(cfg: ModelConfig, params, prompt: jax.Array, decode_fn, *, n_samples: int,
                max_new_tokens: int, rng: jax.Array, prompt_mask: jax.Array | None = None,
-               temperature=1.0, top_k=0, top_p=1.0, cache_len: int | None = None, hash_key: jax.Array | None = None):
+               temperature=1.0, top_k=0, top_p=1.0, cache_len: int | None = None,
+               hash_key: jax.Array | None = None, eos_id: int | Sequence[int] = EOS_ID):
   """Minimum Bayes risk decoding of one `[P]` prompt over `n_samples` sampled replies.
 
   Args:
     decode_fn: ids -> text (e.g. the tokenizer's `decode`, which drops PAD and EOS).
+    eos_id: the id or ids that end a sample (as for `generate`).
   Returns:
     `(best_text, texts, samples)`: the chosen text, all sampled texts, and `[n_samples, T]` ids.
   """
@@ -497,6 +580,6 @@ def mbr_decode(cfg: ModelConfig, params, prompt: jax.Array, decode_fn, *, n_samp
   masks = None if prompt_mask is None else jnp.tile(jnp.asarray(prompt_mask)[None], (n_samples, 1))
   samples = np.asarray(generate(cfg, params, prompts, masks, max_new_tokens=max_new_tokens,
                                 rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
-                                cache_len=cache_len, hash_key=hash_key))
+                                cache_len=cache_len, hash_key=hash_key, eos_id=eos_id))
   texts = [decode_fn(row.tolist()) for row in samples]
   return texts[mbr_select(texts)], texts, samples

@@ -20,7 +20,8 @@ from reformer_jax import train
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the '
-                               'tokenizer; a rerun resumes from it.')
+                               'tokenizer, local or on a bucket (gs://bucket/run, needs '
+                               "pip install -e '.[gcs]'); a rerun resumes from it.")
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
                                  'before training (multi-process runs).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port '

@@ -12,19 +12,28 @@ Training talks to one small interface, `MetricWriter` (`write(step, values)`,
   an offline run is uploaded later with `wandb sync <workdir>/wandb/offline-run-*`. The run id
   is kept in `<workdir>/wandb_run_id`, so a resumed job continues the same W&B run.
 * other processes get a writer that drops everything.
+
+A bucket workdir (`gs://bucket/run`, see `reformer_jax.storage`): metrics.jsonl and wandb_run_id
+are kept on the bucket; `JsonlWriter` holds its lines and appends them to the object at most
+every `flush_every_s` (30 s) and at `close()`, so a killed run loses at most that much of its log
+(the steps after the last checkpoint are rerun and logged again anyway). W&B's own folder must be
+local: it is `storage.local_dir(workdir)/wandb` (under `~/.cache/reformer_jax/gs/...`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import netrc
 import os
-import pathlib
+import time
 import uuid
 from typing import Any, Mapping, Protocol
 
 import jax
 import numpy as np
+
+from reformer_jax import storage
 
 METRICS_FILE = 'metrics.jsonl'
 RUN_ID_FILE = 'wandb_run_id'
@@ -48,23 +57,57 @@ def _scalar(value: Any) -> float | int:
 
 
 class JsonlWriter:
-  """Appends `{"step": step, **values}` lines to `<workdir>/metrics.jsonl`."""
+  """Appends `{"step": step, **values}` lines to `<workdir>/metrics.jsonl`: a local file at
+  every write, a bucket object at most every `flush_every_s` (see the module docstring)."""
 
-  def __init__(self, workdir: str | os.PathLike[str]):
-    self.path = pathlib.Path(workdir) / METRICS_FILE
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = open(self.path, 'a', encoding='utf-8')
+  def __init__(self, workdir: str | os.PathLike[str], *, flush_every_s: float = 30.0):
+    self.path = storage.path(workdir) / METRICS_FILE
+    self.remote = storage.is_remote(self.path)
+    self.flush_every_s = flush_every_s
+    self._pending: list[str] = []
+    self._flushed_at = time.monotonic()
+    self._file = None
+    if not self.remote:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._file = open(self.path, 'a', encoding='utf-8')
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     record = {'step': int(step), **{k: _scalar(v) for k, v in values.items()}}
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    if self._file is not None:
+      self._file.write(json.dumps(record) + '\n')
+      self._file.flush()
+      return
+    self._pending.append(json.dumps(record) + '\n')
+    if time.monotonic() - self._flushed_at >= self.flush_every_s:
+      self.flush()
+
+  def flush(self) -> None:
+    """Appends the held lines to the bucket object now; on an error keeps them for the next try
+    (training goes on) and logs it."""
+    if self._file is not None:
+      self._file.flush()
+      return
+    self._flushed_at = time.monotonic()
+    if not self._pending:
+      return
+    try:
+      storage.append_text(self.path, ''.join(self._pending))
+    except Exception as e:  # pylint: disable=broad-except  # any storage error: retry later
+      logging.error('Could not append %d lines to %s (%s: %s); retrying at the next flush.',
+                    len(self._pending), self.path, type(e).__name__, e)
+      return
+    self._pending = []
 
   def write_config(self, config: Mapping[str, Any]) -> None:
     del config  # the trainer writes <workdir>/config.json itself
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
+      return
+    self.flush()
+    if self._pending:
+      logging.error('%d metric lines were not written to %s.', len(self._pending), self.path)
 
 
 def wandb_mode(requested: str) -> str:
@@ -95,13 +138,16 @@ class WandbWriter:
                config: Mapping[str, Any] | None = None):
     import wandb  # pylint: disable=import-outside-toplevel
 
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     id_file = workdir / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
+    storage.write_text(id_file, run_id)
     self._run = wandb.init(project=project, entity=entity or None, mode=mode, tags=list(tags),
                            name=name or workdir.name, id=run_id, resume='allow',
-                           dir=str(workdir), config=dict(config or {}))
+                           dir=str(storage.local_dir(workdir)), config=dict(config or {}))
+    if storage.is_remote(workdir) and mode == 'offline':
+      logging.info('W&B offline files of %s are in %s/wandb (upload: wandb sync).', workdir,
+                   storage.local_dir(workdir))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     self._run.log({k: _scalar(v) for k, v in values.items()}, step=int(step))
@@ -147,6 +193,5 @@ def create_writer(config, workdir: str | os.PathLike[str]) -> MetricWriter:
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
   """The records of `<workdir>/metrics.jsonl`, in order."""
-  path = pathlib.Path(workdir) / METRICS_FILE
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (storage.path(workdir) / METRICS_FILE).read_text(encoding='utf-8')
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

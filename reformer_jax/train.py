@@ -15,6 +15,8 @@ SIGTERM (preemption) saves a checkpoint at the current step, waits for it and re
 
 Tasks (`config.data.task`): 'duplication' (the paper's `0w0w` copy task), 'dialogue' (Person 1/
 Person 2 dialogues with a sentencepiece tokenizer kept in the workdir), 'text' (byte-level LM).
+
+The workdir is a local folder or a bucket URL (`gs://bucket/run`); see `reformer_jax.storage`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import itertools
 import logging
 import math
 import os
-import pathlib
 import resource
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,7 +44,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from reformer_jax import checkpointing, data, sharding, tracking
+from reformer_jax import checkpointing, data, sharding, storage, tracking
 from reformer_jax.model_config import ModelConfig
 from reformer_jax.models import ReformerLM
 
@@ -186,13 +189,57 @@ def token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dic
           'weight': jnp.sum(weights)}
 
 
+# Float32 logits up to this size are made whole; beyond, in chunks of at most LOSS_CHUNK_BYTES.
+LOSS_LOGITS_BYTES = 2 ** 28
+LOSS_CHUNK_BYTES = 2 ** 26
+
+
+def chunked_token_sums(logits_fn, features: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                       chunk_len: int | None = None) -> dict[str, jax.Array]:
+  """`token_sums(logits_fn(features), targets, weights)` without the whole `[B, L, V]` logits.
+
+  The positions go in chunks under `lax.map` of a rematerialized function, so one chunk's
+  logits exist at a time, in the forward and in the backward pass (which recomputes them).
+
+  Args:
+    logits_fn: `[B, l, D]` features -> `[B, l, V]` logits, e.g. the model's output head.
+    features: `[B, L, D]`.
+    targets, weights: `[B, L]`.
+    chunk_len: positions per chunk, dividing L; None: all at once while the float32 logits
+      take at most `LOSS_LOGITS_BYTES`, else chunks of at most `LOSS_CHUNK_BYTES` of logits.
+  """
+  batch, length = targets.shape
+  if chunk_len is None:
+    logits_bytes = 4 * batch * length * jax.eval_shape(logits_fn, features[:, :1]).shape[-1]
+    n = 1 if logits_bytes <= LOSS_LOGITS_BYTES else -(-logits_bytes // LOSS_CHUNK_BYTES)
+    chunk_len = length // next(d for d in range(min(n, length), length + 1) if length % d == 0)
+  if chunk_len >= length:
+    return token_sums(logits_fn(features), targets, weights)
+  if length % chunk_len:
+    raise ValueError(f'chunked_token_sums: chunk_len {chunk_len} does not divide the length '
+                     f'{length}; pick a divisor (or None for automatic)')
+
+  def split(x):  # [B, L, ...] -> [L / chunk_len, B, chunk_len, ...]
+    return x.reshape(batch, length // chunk_len, chunk_len, *x.shape[2:]).swapaxes(0, 1)
+
+  def chunk_sums(args):
+    f, t, w = args
+    return token_sums(logits_fn(f), t, w)
+
+  sums = jax.lax.map(jax.checkpoint(chunk_sums, prevent_cse=False),
+                     (split(features), split(targets), split(weights)))
+  return jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
+
+
 def _forward(model: ReformerLM, params, batch, key, *, use_mask: bool, train: bool):
   mask = input_mask(batch['inputs']) if use_mask else None
-  logits, variables = model.apply({'params': params}, decoder_inputs(batch['inputs']), mask=mask,
-                                  rng=key, train=train, mutable=['diagnostics'])
+  features, variables = model.apply({'params': params}, decoder_inputs(batch['inputs']),
+                                    mask=mask, rng=key, train=train, mutable=['diagnostics'],
+                                    method=ReformerLM.features)
   balance = jax.tree.leaves(variables.get('diagnostics', {}))
   balance = jnp.concatenate([jnp.ravel(b) for b in balance]) if balance else jnp.zeros((0,))
-  return token_sums(logits, batch['inputs'], batch['weights']), balance
+  logits_fn = lambda x: model.apply({'params': params}, x, method=ReformerLM.logits)
+  return chunked_token_sums(logits_fn, features, batch['inputs'], batch['weights']), balance
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array, *,
@@ -297,14 +344,40 @@ def _limit(items: list, n: int) -> list:
   return items[:n] if n else items
 
 
+# The tokenizer's files in a workdir, in the order they are uploaded to a bucket: the model last,
+# so that a bucket never holds a model without the metadata that goes with it.
+TOKENIZER_FILES = (data.tokenizer.META_FILENAME, data.tokenizer.TOKENIZER_FILENAME)
+
+
 def _shared_tokenizer(workdir, vocab_size, texts):
-  """Trains the tokenizer on process 0 (others wait, then load the saved file)."""
+  """Trains the tokenizer on process 0 (others wait, then load the saved file).
+
+  sentencepiece reads local files only: for a bucket workdir the tokenizer lives in
+  `storage.local_dir(workdir)`, downloaded from the bucket when it is there, uploaded after
+  process 0 trained it.
+  """
+  workdir = storage.path(workdir)
+  local = storage.local_dir(workdir)
+
+  def load():
+    found = [storage.download(workdir / name, local / name) for name in TOKENIZER_FILES]
+    try:
+      return data.load_or_train_tokenizer(local, vocab_size, texts), found[-1]
+    except ValueError as e:
+      if storage.is_remote(workdir):
+        raise ValueError(f'{e} ({local} holds a copy of the tokenizer of {workdir}: delete the '
+                         f'files {", ".join(TOKENIZER_FILES)} there instead.)') from e
+      raise
+
   if jax.process_index() == 0:
-    tokenizer = data.load_or_train_tokenizer(workdir, vocab_size, texts)
+    tokenizer, found = load()
+    if storage.is_remote(workdir) and not found:
+      for name in TOKENIZER_FILES:
+        storage.upload(local / name, workdir / name)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('tokenizer')
   if jax.process_index() != 0:
-    tokenizer = data.load_or_train_tokenizer(workdir, vocab_size, texts)
+    tokenizer, _ = load()
   return tokenizer
 
 
@@ -513,11 +586,17 @@ def compiler_options(config) -> dict[str, Any] | None:
   return {'xla_backend_optimization_level': 0} if config.fast_compile else None
 
 
+def init_params(model: ReformerLM, seq_len: int, key: jax.Array):
+  """Fresh parameters of `model`, traced on one row of `seq_len` tokens (under `jax.eval_shape`,
+  their shapes: what a checkpoint is restored into)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return model.init({'params': key}, tokens, rng=key, train=False)['params']
+
+
 def create_train_state(model: ReformerLM, tx, config, mesh, key):
   """Abstract state and its shardings, then the real state built directly in place on devices."""
   def init(init_key):
-    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-    params = model.init({'params': init_key}, tokens, rng=init_key, train=False)['params']
+    params = init_params(model, config.data.seq_len, init_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, key)
@@ -552,8 +631,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   'preempted' (True when SIGTERM stopped the run early, after saving a checkpoint).
   """
   model_cfg = validate_config(config)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  storage.check_workdir(workdir)
+  workdir = storage.path(workdir)
+  if not storage.is_remote(workdir):  # a bucket has no folders to make
+    workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.num_devices)
   sharding.check_batch_size('batch_size', config.batch_size, mesh, config.grad_accum_steps)
   sharding.check_batch_size('eval_batch_size', config.eval_batch_size, mesh)
@@ -651,19 +732,26 @@ def _log_eval(step: int, metrics: dict[str, float]) -> None:
 
 
 class _Profiler:
-  """Traces `profile_steps` steps from `first` into `<workdir>/profile` (TensorBoard/Perfetto)."""
+  """Traces `profile_steps` steps from `first` into `<workdir>/profile` (TensorBoard/Perfetto);
+  for a bucket workdir into a local temporary folder, uploaded when the trace stops."""
 
   def __init__(self, workdir, first: int, num_steps: int):
-    self.dir = pathlib.Path(workdir) / 'profile'
+    self.dir = storage.path(workdir) / 'profile'
+    self.remote = storage.is_remote(self.dir)
     self.first, self.last = first, first + num_steps - 1
     self.on = num_steps > 0 and jax.process_index() == 0
+    self.trace_dir = None
 
   def before(self, step: int):
     if self.on and step == self.first:
-      jax.profiler.start_trace(str(self.dir))
+      self.trace_dir = tempfile.mkdtemp(prefix='reformer_profile_') if self.remote else self.dir
+      jax.profiler.start_trace(str(self.trace_dir))
 
   def after(self, step: int, state):
     if self.on and step == self.last:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
+      if self.remote:
+        storage.upload_tree(self.trace_dir, self.dir)
+        shutil.rmtree(self.trace_dir, ignore_errors=True)
       logging.info('Wrote a profile of steps %d-%d to %s.', self.first, self.last, self.dir)

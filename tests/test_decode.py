@@ -11,7 +11,7 @@ from reformer_jax import decode
 from reformer_jax.attention import common
 from reformer_jax.layers import HASH
 from reformer_jax.model_config import ModelConfig
-from reformer_jax.models import DECODER, ReformerLM
+from reformer_jax.models import DECODER, ReformerEncoderDecoder, ReformerLM
 
 BASE = ModelConfig(vocab_size=32, d_model=32, d_ff=64, n_heads=2, n_layers=2, max_len=32,
                    chunk_len=8, n_hashes=2, n_buckets=4)
@@ -185,6 +185,9 @@ def test_generation_stops_at_eos():
   stopped = decode.generate(cfg, params, PROMPT, max_new_tokens=NEW, eos_id=eos)
   np.testing.assert_array_equal(stopped[0, :first + 1], greedy[0, :first + 1])
   assert bool(jnp.all(stopped[0, first + 1:] == decode.PAD_ID))
+  # Several stop ids (EOS and a speaker label's first piece): the first one drawn ends the row.
+  either = decode.generate(cfg, params, PROMPT, max_new_tokens=NEW, eos_id=(-1, eos))
+  np.testing.assert_array_equal(either, stopped)
 
 
 def test_top_k_and_top_p_restrict_the_support():
@@ -250,3 +253,41 @@ def test_decode_speed_script_contract(tmp_path):
   assert point['context'] == 32 and point['cached_tokens_per_s'] > 0
   assert point['speedup'] == point['cached_tokens_per_s'] / point['recomputed_tokens_per_s']
   assert out.exists() and out.with_suffix('.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def _translation_model():
+  cfg = ModelConfig(vocab_size=13, d_model=16, d_ff=32, n_heads=2, n_layers=1, n_decoder_layers=1,
+                    max_len=8, attention_types=('full',), shared_qk=False,
+                    pos_embedding='learned')
+  model = ReformerEncoderDecoder(cfg)
+  src = jnp.array([[3, 4, 5, 1, 0, 0], [7, 1, 0, 0, 0, 0]], jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), src, jnp.zeros((2, 8), jnp.int32),
+                      src_mask=src != 0)['params']
+  return cfg, model, params, src
+
+
+def test_translate_beam_one_is_greedy_and_beams_score_their_sequences():
+  """`translate`: K = 1 equals greedy decoding by full recomputation, and every hypothesis's
+  score is its log probability under the model over the GNMT length penalty."""
+  cfg, model, params, src = _translation_model()
+  (greedy, _), _ = decode.translate(cfg, params, src, beam_size=1, max_len=8)
+  prefix = np.zeros((2, 8), np.int32)
+  for t in range(8):  # greedy by recomputation, rows stop after EOS
+    logits = model.apply({'params': params}, src, jnp.asarray(prefix), src_mask=src != 0)
+    step = np.asarray(jnp.argmax(logits[:, t], -1))
+    if t + 1 < 8:
+      prefix[:, t + 1] = step
+    ended = (np.asarray(greedy)[:, :t] == 1).any(axis=1)
+    np.testing.assert_array_equal(np.asarray(greedy)[~ended, t], step[~ended])
+  (_, best), (seqs, scores) = decode.translate(cfg, params, src, beam_size=3, max_len=8, alpha=0.0)
+  assert seqs.shape == (2, 3, 8) and float(best[0]) == float(scores[0, 0])
+  for b in range(2):
+    for j in range(3):
+      tokens = np.asarray(seqs[b, j])
+      n = int(np.argmax(tokens == 1)) + 1 if (tokens == 1).any() else 8
+      tgt = np.zeros((1, 8), np.int32)
+      tgt[0, 1:n] = tokens[:n - 1][:7]
+      logp = jax.nn.log_softmax(model.apply({'params': params}, src[b:b + 1], jnp.asarray(tgt),
+                                            src_mask=src[b:b + 1] != 0))
+      total = float(sum(logp[0, t, tokens[t]] for t in range(n)))
+      np.testing.assert_allclose(float(scores[b, j]), total, rtol=1e-4, atol=1e-4)

@@ -337,6 +337,17 @@ def test_setup_sweep_and_fetch_commands():
       "gs://b/reformer/logs'"]
 
 
+def test_fetch_copies_bucket_workdirs_from_here():
+  # A run trained with --workdir=gs://... is on the bucket, not on the VM: gcloud copies it here.
+  assert dry_run('fetch', *TPU, '--to=results', 'gs://b/reformer/chatbot', 'workdir/logs') == [
+      'mkdir -p results',
+      'gcloud storage rsync --recursive gs://b/reformer/chatbot results/chatbot',
+      f'{GCLOUD} scp reformer:reformer_jax/workdir/logs results --zone=us-central2-b '
+      '--project=my-proj --worker=0 --recurse']
+  assert dry_run('fetch', '--host=local', '--to=gs://c/copy', 'gs://b/run/') == [
+      'gcloud storage rsync --recursive gs://b/run/ gs://c/copy/run']
+
+
 def test_gpu_host_commands_go_through_ssh():
   assert dry_run('run', '--host=me@gpu', '--venv=reformer_venv', '--log-name=t', '--',
                  'nvidia-smi') == [
