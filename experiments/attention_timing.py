@@ -8,6 +8,10 @@ Times the forward pass and the forward+backward pass (gradients of the inputs, o
 live) of one attention layer's kernel on `[B, L, N, H]` float32 inputs:
 
 * `full`: `jax.nn.dot_product_attention` (separate q, k), O(L^2);
+* `cudnn` (GPU only, included by default there): cuDNN's fused flash attention,
+  `jax.nn.dot_product_attention(..., implementation='cudnn')` on bfloat16 inputs (cuDNN's
+  kernel takes 16-bit floats), O(L^2) FLOPs in O(L) memory; elsewhere, or where cuDNN lacks the
+  kernel, its points carry a note instead of times;
 * `local`: `reformer_jax.attention.local_attention`, chunks of `--chunk-len` seeing one chunk back;
 * `lsh`: `reformer_jax.attention.lsh_attention` (shared qk) with each of `--hashes` rounds.
 
@@ -60,7 +64,7 @@ from experiments import common
 from reformer_jax.attention import local_attention, lsh_attention
 
 REGIMES = ('fixed_tokens', 'batch1')
-ATTENTIONS = ('full', 'local', 'lsh')
+ATTENTIONS = ('full', 'cudnn', 'local', 'lsh')
 DEFAULT_OUT = common.REPO_ROOT / 'experiments' / 'results' / 'attention_timing_cpu.json'
 TABLE_COLUMNS = ('regime', 'length', 'batch', 'attention', 'n_hashes', 'fwd_s', 'fwd_bwd_s',
                  'compile_s', 'compiled_bytes', 'time_per_token_s', 'flops_fraction', 'note')
@@ -68,7 +72,7 @@ TABLE_COLUMNS = ('regime', 'length', 'batch', 'attention', 'n_hashes', 'fwd_s', 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  attention: str       # 'full' | 'local' | 'lsh'
+  attention: str       # 'full' | 'cudnn' | 'local' | 'lsh'
   n_hashes: int | None  # LSH hash rounds; None for full and local
 
   @property
@@ -92,8 +96,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='JSON result file; the plot is written next to it with a .png suffix')
   p.add_argument('--quick', action='store_true',
                  help='a few minutes on a 2-core CPU: lengths 1K 2K 4K, hashes 1 4, 4K tokens')
-  p.add_argument('--attention', nargs='+', choices=ATTENTIONS, default=list(ATTENTIONS),
-                 help='kernels to time')
+  p.add_argument('--attention', nargs='+', choices=ATTENTIONS, default=None,
+                 help="kernels to time (default: all; 'cudnn' only on a GPU)")
   p.add_argument('--regimes', nargs='+', choices=REGIMES, default=list(REGIMES))
   p.add_argument('--heads', type=int, default=2,
                  help='N attention heads (2 keeps full attention at 16K within 8 GiB)')
@@ -123,6 +127,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   argv = sys.argv[1:] if argv is None else list(argv)
   args.command = shlex.join(['python', '-m', 'experiments.attention_timing', *argv])
   quick = args.quick
+  if args.attention is None:
+    args.attention = [a for a in ATTENTIONS if a != 'cudnn' or jax.default_backend() == 'gpu']
   args.lengths = common.size_list(args.lengths or (['1K', '2K', '4K'] if quick else
                                                    ['1K', '2K', '4K', '8K', '16K', '32K', '64K']))
   args.hashes = args.hashes or ([1, 4] if quick else [1, 2, 4, 8])
@@ -150,6 +156,10 @@ def kernel(variant: Variant, *, chunk_len: int, causal: bool):
   """`f(q, k, v, rng) -> [B, L, N, H]` for the variant (LSH ignores k: query/keys are shared)."""
   if variant.attention == 'full':
     return lambda q, k, v, rng: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  if variant.attention == 'cudnn':
+    bf16 = lambda x: x.astype(jnp.bfloat16)
+    return lambda q, k, v, rng: jax.nn.dot_product_attention(
+        bf16(q), bf16(k), bf16(v), is_causal=causal, implementation='cudnn').astype(q.dtype)
   if variant.attention == 'local':
     return lambda q, k, v, rng: local_attention(q, k, v, chunk_len=chunk_len, causal=causal)
   return lambda q, k, v, rng: lsh_attention(q, v, rng=rng, n_hashes=variant.n_hashes,
@@ -171,7 +181,7 @@ def flops(variant: Variant, *, batch: int, length: int, heads: int, head_dim: in
           chunk_len: int) -> int:
   """Forward+backward FLOPs, 12 * R * B * L * N * H * K (the issue's count)."""
   chunk = min(chunk_len, length)
-  keys = length if variant.attention == 'full' else chunk * (2 if chunk < length else 1)
+  keys = length if variant.attention in ('full', 'cudnn') else chunk * (2 if chunk < length else 1)
   return 12 * (variant.n_hashes or 1) * batch * length * heads * head_dim * keys
 
 
@@ -204,9 +214,18 @@ def prepare(args, length: int, batch: int, regime: str) -> list[tuple[dict, list
                  flops_fraction=None, time_per_token_s=None, repeats=0, fwd_samples_s=[],
                  fwd_rounds=[], fwd_bwd_samples_s=[], fwd_bwd_rounds=[], note=None)
     f = kernel(variant, chunk_len=args.chunk_len, causal=args.causal)
-    fwd, point['compile_fwd_s'] = _compile(f, spec, spec, spec, rng_spec)
-    fwd_bwd, point['compile_s'] = _compile(forward_backward(f, variant), spec, spec, spec,
-                                           rng_spec, spec)
+    try:
+      fwd, point['compile_fwd_s'] = _compile(f, spec, spec, spec, rng_spec)
+      fwd_bwd, point['compile_s'] = _compile(forward_backward(f, variant), spec, spec, spec,
+                                             rng_spec, spec)
+    except Exception as err:  # pylint: disable=broad-except
+      if variant.attention != 'cudnn':
+        raise
+      # No GPU, or a cuDNN without the fused kernel for this shape: a note, not a crash.
+      point['note'] = f'cuDNN attention unavailable: {str(err).splitlines()[0][:160]}'
+      cases.append((point, []))
+      print(f'skipped {_label(point)}: {point["note"]}', flush=True)
+      continue
     point['compiled_fwd_bytes'] = common.CompiledMemory.of(fwd).peak
     point['compiled_bytes'] = common.CompiledMemory.of(fwd_bwd).peak
     ok, point['note'] = common.fits(max(point['compiled_bytes'], point['compiled_fwd_bytes']),

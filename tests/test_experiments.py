@@ -247,3 +247,150 @@ def test_duplication_paper_setting_config():
   train.validate_config(config)
   with pytest.raises(SystemExit):
     duplication.parse_args(['--length', '100', '--chunk-len', '64'])
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments/peers.py
+
+PEER_FIELDS = {'implementation', 'tokens_per_s', 'step_s', 'peak_rss_bytes', 'params', 'note'}
+RATIO_FIELDS = {'tokens_per_s_vs_fastest_peer', 'peak_memory_vs_smallest_peer', 'fastest_peer',
+                'smallest_peer', 'meets_target'}
+# The child processes inherit it: XLA compiles at -O0, in half the time (timings are not checked).
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+TINY_PEERS = ['--layers', '1', '--d-model', '32', '--d-ff', '64', '--heads', '2', '--hashes', '1',
+              '--chunk', '8', '--length', '64', '--vocab', '32', '--steps', '2']
+
+
+def _check_peers_json(out, implementations):
+  on_disk = json.loads(out.read_text())
+  assert MACHINE_FIELDS <= set(on_disk['machine']) and 'torch_version' in on_disk['machine']
+  cfg = on_disk['config']
+  assert (cfg['layers'], cfg['d_model'], cfg['length'], cfg['chunk']) == (1, 32, 64, 8)
+  assert cfg['axial_shape'] == [8, 8] and cfg['axial_dims'] == [16, 16] and cfg['buckets'] == 16
+  assert [p['implementation'] for p in on_disk['points']] == implementations
+  assert RATIO_FIELDS <= set(on_disk['ratios'])
+  assert _png(out.with_suffix('.png'))
+  for p in on_disk['points']:
+    assert PEER_FIELDS <= set(p), p
+    assert p['note'] is None, p
+    assert p['tokens_per_s'] == pytest.approx(64 / p['step_s'])
+    assert p['peak_rss_bytes'] >= p['runtime_rss_bytes'] > 0
+    assert p['peak_rss_with_warmup_bytes'] >= p['runtime_rss_bytes']
+    assert all(len(s) == 2 for s in p['step_samples_s'])
+    assert (p['compile_s'] is not None) == (p['implementation'] == 'reformer_jax')
+  return on_disk
+
+
+def test_peers_contract_reformer_jax(tmp_path, monkeypatch):
+  """reformer_jax alone: the JSON contract holds, and with no peer the ratios are empty."""
+  from experiments import peers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE)
+  out = tmp_path / 'peers.json'
+  result = peers.main([*TINY_PEERS, '--repeats', '1', '--implementations', 'reformer_jax',
+                       '--out', str(out)])
+  on_disk = _check_peers_json(out, ['reformer_jax'])
+  assert on_disk['points'] == json.loads(json.dumps(result['points']))
+  (point,) = on_disk['points']
+  # Token embedding, axial table, one block (LayerNorms, qk, value, out, FF), final norm, logits.
+  d, f, v = 32, 64, 32
+  assert point['params'] == (v * d + 2 * 8 * 16 + 2 * d + 3 * d * d + 2 * d + 2 * d * f + f + d
+                             + 2 * d + d * v + v)
+  assert point['versions']['jax'] == jax.__version__
+  assert on_disk['ratios']['tokens_per_s_vs_fastest_peer'] is None
+  out.with_suffix('.png').unlink()
+  peers.main(['--replot', '--out', str(out)])
+  assert _png(out.with_suffix('.png'))
+
+
+def test_peers_interleaving_medians_and_ratios(monkeypatch):
+  """Rounds rotate the order; a peer that did not run gets a note and is not retried; medians
+  over repeats and the ratios against the fastest and the smallest peer."""
+  from experiments import peers  # pylint: disable=import-outside-toplevel
+  calls = []
+  steps = {'reformer_jax': [1.0, 2.0], 'transformers': [4.0, 6.0], 'reformer_pytorch': None}
+
+  def fake(spec, *, timeout_s):
+    name = spec['implementation']
+    calls.append(name)
+    if steps[name] is None:
+      return {'implementation': name, 'note': 'skipped: reformer_pytorch is not importable'}
+    repeat = sum(c == name for c in calls)
+    return {'implementation': name, 'step_samples_s': [s * repeat for s in steps[name]],
+            'peak_rss_bytes': 100 * repeat if name == 'reformer_jax' else 400,
+            'runtime_rss_bytes': 50, 'peak_rss_with_warmup_bytes': 500, 'params': 10,
+            'compile_s': 3.0 if name == 'reformer_jax' else None, 'warmup_s': [9.0],
+            'loss': 1.0, 'versions': {}}
+
+  monkeypatch.setattr(peers, 'run_process', fake)
+  args = peers.parse_args([*TINY_PEERS, '--repeats', '3', '--out', '/dev/null'])
+  runs = peers.interleaved(args, peers.model_spec(args))
+  assert calls == ['reformer_jax', 'transformers', 'reformer_pytorch',
+                   'transformers', 'reformer_jax', 'reformer_jax', 'transformers']
+  spec = peers.model_spec(args)
+  points = [peers.summarize_runs(name, runs[name], spec) for name in args.implementations]
+  ours, hf, missing = points
+  assert ours['step_s'] == 3.0 and ours['tokens_per_s'] == pytest.approx(64 / 3.0)  # 1.5, 3, 4.5
+  assert ours['peak_rss_bytes'] == 300 and ours['peak_above_runtime_bytes'] == 250
+  assert ours['repeats'] == 3 and ours['compile_s'] == 3.0
+  assert hf['step_s'] == 10.0 and hf['compile_s'] is None
+  assert missing['tokens_per_s'] is None and missing['note'].startswith('skipped')
+  r = peers.ratios(points)
+  assert r['fastest_peer'] == r['smallest_peer'] == 'transformers'
+  assert r['tokens_per_s_vs_fastest_peer'] == pytest.approx(10.0 / 3.0)
+  assert r['peak_memory_vs_smallest_peer'] == pytest.approx(300 / 400)
+  assert r['peak_above_runtime_vs_smallest_peer'] == pytest.approx(250 / 350)
+  assert r['meets_target'] is False  # 0.75x the memory: above the 0.7x target
+
+
+def test_peer_steps_notes_a_missing_framework(monkeypatch):
+  from experiments import peer_steps  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(sys.modules, 'torch', None)  # importing torch now fails
+  out = peer_steps.measure({'implementation': 'transformers', 'steps': 1, 'threads': 1,
+                            'seed': 0})
+  assert out['note'].startswith('skipped: transformers is not importable')
+  assert "pip install -e '.[peers]'" in out['note']
+
+
+def test_peers_arguments_are_checked():
+  from experiments import peers  # pylint: disable=import-outside-toplevel
+  assert peers.axial_shape(4096) == (64, 64) and peers.axial_shape(2048) == (64, 32)
+  assert peers.axial_shape(96) == (12, 8)
+  for bad in (['--length', '100', '--chunk', '64'], ['--d-ff', '300', '--d-model', '256'],
+              ['--d-model', '30', '--heads', '4']):
+    with pytest.raises(SystemExit):
+      peers.parse_args(bad)
+
+
+@pytest.mark.slow
+def test_peers_against_pytorch_peers(tmp_path, monkeypatch):
+  """All three implementations at tiny sizes (needs the peers extra: pip install -e '.[peers]')."""
+  for module in ('torch', 'transformers', 'reformer_pytorch'):
+    pytest.importorskip(module, reason=f"{module} is not installed: pip install -e '.[peers]'")
+  from experiments import peers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE)
+  out = tmp_path / 'peers.json'
+  peers.main([*TINY_PEERS, '--repeats', '2', '--out', str(out)])
+  on_disk = _check_peers_json(out, ['reformer_jax', 'transformers', 'reformer_pytorch'])
+  params = {p['implementation']: p['params'] for p in on_disk['points']}
+  # Same model up to Hugging Face's 2 * d_model-wide head and reformer_pytorch's output bias.
+  d, v = 32, 32
+  assert params['transformers'] == params['reformer_jax'] + d * v + 2 * d
+  assert params['reformer_pytorch'] == params['reformer_jax'] + d
+  r = on_disk['ratios']
+  assert r['fastest_peer'] in params and r['smallest_peer'] in params
+  assert r['tokens_per_s_vs_fastest_peer'] > 0 and r['peak_memory_vs_smallest_peer'] > 0
+  assert isinstance(r['meets_target'], bool)
+
+
+def test_cudnn_attention_is_a_note_off_gpu(tmp_path):
+  """`--attention cudnn` times cuDNN flash attention on a GPU; elsewhere its points carry a
+  note and the run goes on. The default list includes it only on a GPU."""
+  out = tmp_path / 't.json'
+  attention_timing.main(['--lengths', '64', '--hashes', '1', '--tokens', '64', '--repeats', '1',
+                         '--attention', 'cudnn', 'lsh', '--regimes', 'batch1', '--chunk-len', '32',
+                         '--out', str(out)])
+  points = {p['attention']: p for p in json.loads(out.read_text())['points']}
+  if jax.default_backend() != 'gpu':
+    assert points['cudnn']['fwd_bwd_s'] is None and 'cuDNN' in points['cudnn']['note']
+    assert 'cudnn' not in attention_timing.parse_args([]).attention
+  assert points['lsh']['fwd_bwd_s'] > 0
