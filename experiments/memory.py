@@ -51,11 +51,13 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Sequence
 
 from experiments import common
+from experiments.rss import RssSampler
+from experiments.rss import proc_status as _proc_status
+from experiments.rss import reset_peak_rss as _reset_peak_rss
 
 VARIANTS = {  # name: (attention, reversible, chunked feed-forward)
     'standard': ('full', False, False),
@@ -143,69 +145,29 @@ def model_config(point: dict[str, Any]):
 
 
 def train_step_fn(model):
-  """One SGD step on next-token cross-entropy; returns the new parameters and the loss."""
+  """One SGD step on next-token cross-entropy; returns the new parameters and the loss.
+
+  The loss goes through the trainer's `chunked_token_sums`, as in `reformer_jax.train`: long
+  sequences project features to logits a chunk of positions at a time.
+  """
   import jax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from reformer_jax.models import ReformerLM  # pylint: disable=import-outside-toplevel
+  from reformer_jax.train import chunked_token_sums  # pylint: disable=import-outside-toplevel
 
   def train_step(params, tokens, rng):
     def loss_fn(p):
-      logits = model.apply({'params': p}, tokens, rng=rng, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+      features = model.apply({'params': p}, tokens, rng=rng, train=True,
+                             method=ReformerLM.features)
+      # Position t predicts token t + 1; the last position has no target.
+      weights = (jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1).astype(jnp.float32)
+      sums = chunked_token_sums(
+          lambda x: model.apply({'params': p}, x, method=ReformerLM.logits), features,
+          jnp.roll(tokens, -1, axis=1), jnp.broadcast_to(weights, tokens.shape))
+      return sums['loss'] / sums['weight']
     loss, grads = jax.value_and_grad(loss_fn)(params)
     return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), loss
   return train_step
-
-
-def _proc_status(field: str) -> int:
-  with open('/proc/self/status', encoding='utf-8') as f:
-    for line in f:
-      if line.startswith(field + ':'):
-        return int(line.split()[1]) * 1024
-  raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-  """Resets the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
-  try:
-    with open('/proc/self/clear_refs', 'w', encoding='utf-8') as f:
-      f.write('5')
-    return True
-  except OSError:
-    return False
-
-
-class RssSampler:
-  """Polls this process's resident set every `interval_s` on a thread; `peak` is the largest.
-
-  Complements VmHWM, which the kernel only refreshes at some events (memory released with
-  MADV_DONTNEED can leave it below the true peak); XLA runs the step on its own threads, so the
-  poller keeps running meanwhile.
-  """
-
-  def __init__(self, interval_s: float = 0.002):
-    self.interval_s, self.peak = interval_s, 0
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-    self._page = os.sysconf('SC_PAGE_SIZE')
-
-  def _rss(self) -> int:
-    with open('/proc/self/statm', encoding='utf-8') as f:
-      return int(f.read().split()[1]) * self._page
-
-  def _run(self):
-    while not self._stop.is_set():
-      self.peak = max(self.peak, self._rss())
-      time.sleep(self.interval_s)
-
-  def __enter__(self) -> 'RssSampler':
-    self.peak = self._rss()
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    self.peak = max(self.peak, self._rss())
 
 
 def _emit(record: dict[str, Any]) -> None:
