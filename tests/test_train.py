@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+from conftest import persistent_compilation_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # configs/ lives beside the package, at the repository root
@@ -38,15 +39,8 @@ TRAIN_KEYS = {'train/loss', 'train/accuracy', 'train/perplexity', 'train/learnin
 def compilation_cache(tmp_path_factory):
   """A persistent compilation cache shared by the training test modules of this session."""
   cache_dir = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
-  previous = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax_cache.set_cache_dir(str(cache_dir))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax_cache.reset_cache()
-  yield cache_dir
-  jax_cache.set_cache_dir(previous[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
-  jax_cache.reset_cache()
+  with persistent_compilation_cache(cache_dir):
+    yield cache_dir
 
 
 def tiny_config(**overrides):

@@ -1,0 +1,112 @@
+"""reformer_jax.evaluate: perplexity, BLEU and ROUGE-L of the tiny chatbot (conftest.py) on a few
+MultiWOZ 2.1 validation dialogues and an SGD file; the JSON on stdout; greedy determinism.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CHAT_STEPS, REPO, persistent_compilation_cache
+from reformer_jax import data, evaluate
+from reformer_jax.data.dialogues import SYSTEM
+
+FIELDS = {'task', 'workdir', 'step', 'data', 'split', 'strategy', 'decode', 'perplexity',
+          'reply_perplexity', 'loss', 'accuracy', 'bleu', 'bleu_signature', 'rouge_l',
+          'n_dialogues', 'n_replies', 'n_tokens', 'n_reply_tokens', 'samples'}
+N_DIALOGUES = 2
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _shared_compilations(compile_cache_dir):
+  """What this module compiles in-process, the command-line run below finds in the cache."""
+  with persistent_compilation_cache(compile_cache_dir):
+    yield
+
+
+@pytest.fixture(scope='module')
+def multiwoz_flags(chat_workdir, shared_data):
+  return [f'--workdir={chat_workdir}', f'--data={shared_data / "multiwoz"}', '--split=validation',
+          f'--max_dialogues={N_DIALOGUES}', '--batch_size=8', '--max_reply_tokens=16',
+          '--num_samples=2']
+
+
+@pytest.fixture(scope='module')
+def greedy(multiwoz_flags):
+  return evaluate.run(evaluate.parse_args(multiwoz_flags))
+
+
+def _check(result, dialogues):
+  assert FIELDS <= set(result)
+  assert result['task'] == 'dialogue' and result['step'] == CHAT_STEPS
+  assert result['n_dialogues'] == len(dialogues)
+  assert result['n_replies'] == sum(s == SYSTEM for d in dialogues for s, _ in d.turns)
+  assert result['n_tokens'] > result['n_reply_tokens'] > 0
+  assert 1 < result['perplexity'] < 1000 and math.isfinite(result['reply_perplexity'])
+  assert 0 <= result['bleu'] <= 100 and 0 <= result['rouge_l'] <= 100
+  json.dumps(result)  # serializable as it is
+
+
+def test_multiwoz_validation_metrics(greedy, chat_workdir, shared_data):
+  dialogues = data.load_dialogues(shared_data / 'multiwoz', 'validation')[:N_DIALOGUES]
+  _check(greedy, dialogues)
+  assert greedy['workdir'] == str(chat_workdir) and greedy['strategy'] == 'greedy'
+  assert greedy['decode']['max_reply_tokens'] == 16
+  first = greedy['samples'][0]
+  assert len(greedy['samples']) == 2 and first['dialogue_id'] == dialogues[0].id
+  assert first['prompt'] == f'Person 1: {dialogues[0].turns[0][1]} Person 2:'
+  assert first['reference'] == dialogues[0].turns[1][1]
+  assert 'Person 1:' not in first['generated']
+
+
+def test_greedy_evaluation_is_deterministic(greedy, multiwoz_flags):
+  again = evaluate.run(evaluate.parse_args(multiwoz_flags))
+  for key in ('perplexity', 'reply_perplexity', 'bleu', 'rouge_l', 'samples'):
+    assert again[key] == greedy[key], key
+
+
+def test_sampling_strategy(multiwoz_flags):
+  result = evaluate.run(evaluate.parse_args([*multiwoz_flags, '--strategy=sample', '--top_k=20']))
+  assert result['strategy'] == 'sample' and result['decode']['top_k'] == 20
+  assert 0 <= result['bleu'] <= 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('strategy', ['--strategy=beam', '--strategy=mbr'])
+def test_beam_and_mbr_strategies(multiwoz_flags, strategy):
+  result = evaluate.run(evaluate.parse_args([*multiwoz_flags, strategy, '--beam=2',
+                                             '--mbr_samples=2', '--max_dialogues=1']))
+  assert result['n_replies'] > 0 and 0 <= result['bleu'] <= 100
+
+
+def test_command_line_prints_one_json_object_for_an_sgd_file(chat_workdir, cli_env, shared_data):
+  path = shared_data / 'sgd' / 'test' / 'dialogues_001.json.xz'
+  if not path.is_file():
+    pytest.skip(f'{path} is not staged')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'reformer_jax.evaluate', f'--workdir={chat_workdir}',
+       '--data=sgd/test/dialogues_001.json.xz', '--max_dialogues=1', '--batch_size=8',
+       '--max_reply_tokens=16'],
+      capture_output=True, text=True, timeout=600, env=cli_env, cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout)  # stdout holds the JSON object and nothing else
+  _check(result, data.load_dialogues(path)[:1])
+  assert result['data'] == str(path)  # found under the shared data folder
+  assert 'ETA' in proc.stderr
+
+
+def test_text_scores_are_sacrebleu_and_rouge_l():
+  same = evaluate.text_scores(['the hotel is in the north'], ['the hotel is in the north'])
+  assert same['bleu'] == pytest.approx(100) and same['rouge_l'] == pytest.approx(100)
+  assert 'tok:13a' in same['bleu_signature']
+  none = evaluate.text_scores(['zebra'], ['the hotel is in the north'])
+  assert none['bleu'] == 0 and none['rouge_l'] == 0
+
+
+def test_bad_data_path_says_what_was_looked_for(chat_workdir):
+  with pytest.raises(FileNotFoundError, match=r'Dialogue path .*no/such/corpus does not exist'):
+    evaluate.run(evaluate.parse_args([f'--workdir={chat_workdir}', '--data=no/such/corpus']))
