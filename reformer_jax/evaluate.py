@@ -11,8 +11,10 @@ CamRest676: whatever `data.load_dialogues` reads, with `--split` for dataset fol
 relative path that does not exist is looked up under the shared data folder
 (`data.resolve_data_dir`). Without `--data`, the run's `data.eval_corpus` and `data.eval_split`.
 
-Task `dialogue` (`--task`; TASKS maps each name to its function, where an encoder-decoder
-translation task with beam search and sacreBLEU can be added as another entry):
+    python -m reformer_jax.evaluate --task=translation --workdir=workdir/translation_rev \
+        --split=test --strategy=beam --beam=4
+
+Task `dialogue` (`--task`; TASKS maps each name to its function):
 
 * perplexity, teacher-forced over the rows training builds from these dialogues (same tokenizer,
   row length and newest-turns truncation, `train.eval_step`): on every token (`perplexity`, as
@@ -22,7 +24,16 @@ translation task with beam search and sacreBLEU can be added as another entry):
   length) with `--strategy`; corpus BLEU (sacreBLEU, its default 13a tokenization) and ROUGE-L
   F-measure (rouge-score, averaged over replies) against the gold turn.
 
-Output fields: task, workdir, step, data, split, strategy, decode (all decoding options),
+Task `translation` (an encoder-decoder run of `configs/translation.py`): `--data` is the parallel
+corpus folder (default: the run's `data.corpus`), `--split` a Multi30k split (default `test`,
+i.e. `test_2016_flickr`), `--max_pairs` the first N sentence pairs. Reports teacher-forced
+`perplexity` over the target tokens (EOS included) and corpus sacreBLEU / ROUGE-L of the
+translations (`decode.translate`: `--strategy=beam` with `--beam` and `--alpha`, or `greedy`,
+at most the run's target length) against the raw reference sentences; fields task, workdir,
+step, data, split, strategy, decode, n_pairs, n_tokens, perplexity, loss, accuracy, bleu,
+bleu_signature, rouge_l, generation_seconds, sentences_per_second, samples.
+
+Dialogue output fields: task, workdir, step, data, split, strategy, decode (all decoding options),
 n_dialogues, n_replies, n_tokens (scored tokens), n_reply_tokens, perplexity, loss, accuracy,
 reply_perplexity, bleu, bleu_signature, rouge_l, generation_seconds, replies_per_second, samples
 (the first `--num_samples` replies: dialogue id, turn, prompt, reference, generated).
@@ -45,7 +56,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from reformer_jax import checkpointing, data, inference, train
+from reformer_jax import checkpointing, data, decode, inference, train
 from reformer_jax.data.dialogues import Dialogue
 from reformer_jax.models import ReformerLM
 
@@ -184,10 +195,59 @@ def evaluate_dialogue(args: argparse.Namespace,
           'replies_per_second': len(items) / max(seconds, 1e-9), 'samples': samples}
 
 
+def evaluate_translation(args: argparse.Namespace,
+                         options: inference.DecodeOptions) -> dict[str, Any]:
+  """Perplexity and beam-search (or greedy) sacreBLEU of a translation run on `--data`."""
+  if options.strategy not in ('beam', 'greedy'):
+    raise ValueError(f'--strategy={options.strategy}: translation decodes with beam or greedy')
+  model = inference.load_model(args.workdir, step=args.step, task='translation')
+  config = checkpointing.load_config_dict(model.workdir)['data']
+  if args.data is None:
+    args.data = str(data.resolve_data_dir(config['data_dir'] or None) / config['corpus'])
+  path = pathlib.Path(args.data)
+  if not path.exists() and not path.is_absolute():
+    path = data.resolve_data_dir() / path
+  args.data, args.split = str(path), args.split or 'test'
+  pairs = data.load_parallel(path, args.split, config['src_lang'], config['tgt_lang'])
+  pairs = pairs[:args.max_pairs] if args.max_pairs else pairs
+  logging.info('Loaded step %d of %s; %d %s-%s pairs from %s [%s].', model.step, args.workdir,
+               len(pairs), config['src_lang'], config['tgt_lang'], args.data, args.split)
+  examples = data.TranslationExamples.build(pairs, model.tokenizer, src_len=model.src_len,
+                                            tgt_len=model.seq_len)
+  step = jax.jit(functools.partial(train.eval_step, model=train.make_model(model.cfg,
+                                                                            'translation')))
+  totals = None
+  for batch in examples.eval_batches(batch_size=args.batch_size):
+    sums = step(model.params, batch, None)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  ppl = train.summarize(jax.device_get(totals), 't')
+  beam = options.beam if options.strategy == 'beam' else 1
+  progress = Progress(len(pairs), f'translations ({options.strategy})')
+  generated: list[str] = []
+  try:
+    for start in range(0, len(pairs), args.batch_size):
+      src = examples.src[start:start + args.batch_size]
+      rows = len(src)
+      src = np.concatenate([src, np.zeros((args.batch_size - rows, src.shape[1]), src.dtype)])
+      (tokens, _), _ = decode.translate(model.cfg, model.params, src, beam_size=beam,
+                                        max_len=model.seq_len, alpha=options.alpha)
+      generated += [model.tokenizer.decode(row) for row in np.asarray(tokens)[:rows]]
+      progress.advance(rows)
+  finally:
+    seconds = progress.close()
+  samples = [{'source': src, 'reference': ref, 'generated': gen}
+             for src, ref, gen in zip(examples.sources, examples.references,
+                                      generated)][:args.num_samples]
+  return {'step': model.step, 'n_pairs': len(pairs), 'n_tokens': int(totals['weight']),
+          'perplexity': ppl['t/perplexity'], 'loss': ppl['t/loss'], 'accuracy': ppl['t/accuracy'],
+          **text_scores(generated, examples.references), 'generation_seconds': round(seconds, 3),
+          'sentences_per_second': len(pairs) / max(seconds, 1e-9), 'samples': samples}
+
+
 # --task name -> function(flags, decoding options) -> result fields, 'step' (checkpoint) included.
-# Each task loads its own model: a translation task would restore an encoder-decoder.
+# Each task loads its own model.
 TASKS: dict[str, Callable[[argparse.Namespace, inference.DecodeOptions], dict[str, Any]]] = {
-    'dialogue': evaluate_dialogue}
+    'dialogue': evaluate_dialogue, 'translation': evaluate_translation}
 
 
 def load_data(args: argparse.Namespace, model: inference.DialogueModel) -> list[Dialogue]:
@@ -220,6 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help='train, validation (val, dev) or test, for dataset folders')
   parser.add_argument('--max_dialogues', type=int, default=0,
                       help='evaluate the first N dialogues; 0: all (default)')
+  parser.add_argument('--max_pairs', type=int, default=0,
+                      help='translation: evaluate the first N sentence pairs; 0: all (default)')
   parser.add_argument('--batch_size', type=int, default=16,
                       help='rows per scoring and generation batch (default 16)')
   parser.add_argument('--num_samples', type=int, default=3,
@@ -235,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     inference.ModelLoadError: the workdir holds no usable model.
     ValueError, FileNotFoundError: bad flags or data, with the fix in the message.
   """
-  if args.batch_size < 1 or args.max_dialogues < 0 or args.num_samples < 0:
+  if args.batch_size < 1 or min(args.max_dialogues, args.max_pairs, args.num_samples) < 0:
     raise ValueError(f'--batch_size={args.batch_size}, --max_dialogues={args.max_dialogues}, '
                      f'--num_samples={args.num_samples}: use batch_size >= 1, the others >= 0')
   options = inference.DecodeOptions.from_args(args)

@@ -47,7 +47,6 @@ from reformer_jax import checkpointing, data, decode, storage, train
 from reformer_jax.data.dialogues import SPEAKER_LABELS, SYSTEM, Dialogue
 from reformer_jax.data.tokenizer import EOS_ID, PAD_ID, TOKENIZER_FILENAME, SentencePieceTokenizer
 from reformer_jax.model_config import ModelConfig
-from reformer_jax.models import ReformerLM
 
 STRATEGIES = ('greedy', 'sample', 'beam', 'mbr')
 MIN_PROMPT_TOKENS = 16      # what a prompt keeps at least: a label and a few words of context
@@ -65,7 +64,8 @@ class ModelLoadError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class DialogueModel:
-  """A restored dialogue `ReformerLM` and what inference needs around it."""
+  """A restored dialogue `ReformerLM` (or, loaded with `task='translation'`, a translation
+  `ReformerEncoderDecoder`) and what inference needs around it."""
   cfg: ModelConfig                  # the architecture, with `hash_seed` fixed
   params: Any                       # the `params` collection
   tokenizer: SentencePieceTokenizer
@@ -73,6 +73,7 @@ class DialogueModel:
   step: int                         # the checkpoint's step
   workdir: str
   stop_ids: tuple[int, ...]         # EOS and, when it is one piece, the labels' first piece
+  src_len: int | None = None        # translation: source row length
 
   def prompt_len(self, options: DecodeOptions) -> int:
     """Positions left to a prompt (its leading id 0 included) by `options.max_reply_tokens`."""
@@ -92,8 +93,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(workdir: str | os.PathLike[str], *, step: int | None = None,
-               hash_seed: int | None = None) -> DialogueModel:
-  """Restores the parameters of checkpoint `step` (default: the newest) of a dialogue run.
+               hash_seed: int | None = None, task: str = 'dialogue') -> DialogueModel:
+  """Restores the parameters of checkpoint `step` (default: the newest) of a `task` run
+  ('dialogue', or 'translation' for an encoder-decoder).
 
   Raises:
     ModelLoadError: no such workdir, no config.json, not a dialogue run, no tokenizer.model, no
@@ -107,10 +109,11 @@ def load_model(workdir: str | os.PathLike[str], *, step: int | None = None,
     raise ModelLoadError(f'no {checkpointing.CONFIG_FILE} in {workdir}: it is not a training '
                          f'workdir ({TRAIN_HINT} writes one)')
   config = checkpointing.load_config_dict(workdir)
-  task = config.get('data', {}).get('task')
-  if task != 'dialogue':
-    raise ModelLoadError(f'{workdir} was trained with data.task={task!r}: chat and evaluate need a '
-                         f'dialogue model ({TRAIN_HINT})')
+  trained = config.get('data', {}).get('task')
+  if trained != task:
+    hint = TRAIN_HINT if task == 'dialogue' else TRAIN_HINT.replace('chatbot', task)
+    raise ModelLoadError(f'{workdir} was trained with data.task={trained!r}: this needs a {task} '
+                         f'model ({hint})')
   tokenizer_path = root / TOKENIZER_FILENAME
   if not tokenizer_path.is_file():
     raise ModelLoadError(f'no tokenizer in {workdir} ({TOKENIZER_FILENAME} is missing): training '
@@ -125,9 +128,10 @@ def load_model(workdir: str | os.PathLike[str], *, step: int | None = None,
     raise ModelLoadError(f'{tokenizer_path} has {tokenizer.vocab_size} pieces but the model only '
                          f'{cfg.vocab_size}: it belongs to another run; restore the right one')
   seq_len = int(config['data']['seq_len'])
+  src_len = int(config['data']['src_len']) if task == 'translation' else None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.eval_shape(functools.partial(train.init_params, ReformerLM(cfg), seq_len),
-                            jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(functools.partial(train.init_params, train.make_model(cfg, task),
+                                              seq_len, src_len=src_len), jax.random.PRNGKey(0))
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           abstract)
   checkpointer = checkpointing.Checkpointer(workdir)
@@ -150,7 +154,8 @@ def load_model(workdir: str | os.PathLike[str], *, step: int | None = None,
   finally:
     checkpointer.close()
   return DialogueModel(cfg=cfg, params=params, tokenizer=tokenizer, seq_len=seq_len, step=step,
-                       workdir=os.fspath(workdir), stop_ids=stop_ids_of(tokenizer))
+                       workdir=os.fspath(workdir), stop_ids=stop_ids_of(tokenizer),
+                       src_len=src_len)
 
 
 def _no_checkpoint(directory) -> ModelLoadError:

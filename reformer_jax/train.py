@@ -14,7 +14,9 @@ are only written after their step's metrics were checked, so the last checkpoint
 SIGTERM (preemption) saves a checkpoint at the current step, waits for it and returns.
 
 Tasks (`config.data.task`): 'duplication' (the paper's `0w0w` copy task), 'dialogue' (Person 1/
-Person 2 dialogues with a sentencepiece tokenizer kept in the workdir), 'text' (byte-level LM).
+Person 2 dialogues with a sentencepiece tokenizer kept in the workdir), 'text' (byte-level LM),
+'translation' (a `ReformerEncoderDecoder` on sentence pairs, e.g. Multi30k, with a shared
+sentencepiece vocabulary kept in the workdir; see `configs/translation.py`).
 
 The workdir is a local folder or a bucket URL (`gs://bucket/run`); see `reformer_jax.storage`.
 """
@@ -46,9 +48,9 @@ from jax.experimental import multihost_utils
 
 from reformer_jax import checkpointing, data, sharding, storage, tracking
 from reformer_jax.model_config import ModelConfig
-from reformer_jax.models import ReformerLM
+from reformer_jax.models import ReformerEncoderDecoder, ReformerLM
 
-TASKS = ('duplication', 'dialogue', 'text')
+TASKS = ('duplication', 'dialogue', 'text', 'translation')
 OPTIMIZERS = ('adamw', 'adafactor')
 SCHEDULES = ('rsqrt', 'cosine', 'constant')
 INIT, TRAIN, EVAL = 0, 1, 2  # fold_in tags of the root key
@@ -99,8 +101,17 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if d.task == 'text' and model_cfg.vocab_size < data.BYTE_VOCAB_SIZE:
     fail(f'model.vocab_size={model_cfg.vocab_size}: the byte-level text task needs '
          f'{data.BYTE_VOCAB_SIZE}')
-  if d.task == 'dialogue' and model_cfg.vocab_size < 16:
+  if d.task in ('dialogue', 'translation') and model_cfg.vocab_size < 16:
     fail(f'model.vocab_size={model_cfg.vocab_size}: the sentencepiece tokenizer needs >= 16')
+  if d.task == 'translation':
+    for name in ('corpus', 'src_lang', 'tgt_lang', 'src_len', 'max_train_pairs', 'max_eval_pairs'):
+      if name not in d:
+        fail(f'data.{name} is missing: the translation task needs data.corpus, src_lang, '
+             f'tgt_lang, src_len, max_train_pairs and max_eval_pairs (see configs/translation.py)')
+    if not isinstance(d.src_len, int) or not 2 <= d.src_len <= model_cfg.max_len:
+      fail(f'data.src_len={d.src_len!r} must be an int in [2, model.max_len={model_cfg.max_len}]')
+    if chunked and d.src_len > model_cfg.chunk_len and d.src_len % model_cfg.chunk_len:
+      fail(f'data.src_len={d.src_len} is not a multiple of model.chunk_len={model_cfg.chunk_len}')
   if config.optimizer not in OPTIMIZERS:
     fail(f'optimizer={config.optimizer!r}: use one of {OPTIMIZERS}')
   if config.schedule not in SCHEDULES:
@@ -231,7 +242,29 @@ def chunked_token_sums(logits_fn, features: jax.Array, targets: jax.Array, weigh
   return jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
 
 
+def make_model(model_cfg: ModelConfig, task: str) -> ReformerLM | ReformerEncoderDecoder:
+  """The task's model: an encoder-decoder for 'translation', else a decoder-only LM."""
+  return ReformerEncoderDecoder(model_cfg) if task == 'translation' else ReformerLM(model_cfg)
+
+
+def _forward_translation(model: ReformerEncoderDecoder, params, batch, key, *, train: bool):
+  """Teacher-forced sums of an encoder-decoder batch (`src`, target `inputs`, `weights`).
+
+  Target rows hold their padding at the end and the decoder is causal, so only the source needs
+  a mask (it keeps encoder and cross-attention off padding).
+  """
+  src_mask = batch['src'] != data.PAD_ID
+  logits, variables = model.apply({'params': params}, batch['src'],
+                                  decoder_inputs(batch['inputs']), src_mask=src_mask, rng=key,
+                                  train=train, mutable=['diagnostics'])
+  balance = jax.tree.leaves(variables.get('diagnostics', {}))
+  balance = jnp.concatenate([jnp.ravel(b) for b in balance]) if balance else jnp.zeros((0,))
+  return token_sums(logits, batch['inputs'], batch['weights']), balance
+
+
 def _forward(model: ReformerLM, params, batch, key, *, use_mask: bool, train: bool):
+  if isinstance(model, ReformerEncoderDecoder):
+    return _forward_translation(model, params, batch, key, train=train)
   mask = input_mask(batch['inputs']) if use_mask else None
   features, variables = model.apply({'params': params}, decoder_inputs(batch['inputs']),
                                     mask=mask, rng=key, train=train, mutable=['diagnostics'],
@@ -321,6 +354,22 @@ def make_task_data(config, model_cfg: ModelConfig, workdir: str | os.PathLike[st
                     eval=data.ByteTextSource(splits['validation'], d.seq_len), use_mask=False,
                     per_byte=True, info={'train_bytes': len(splits['train']),
                                          'eval_bytes': len(splits['validation'])})
+  if d.task == 'translation':
+    corpus = root / d.corpus
+    train_pairs = _limit(data.load_parallel(corpus, d.train_split, d.src_lang, d.tgt_lang),
+                         d.max_train_pairs)
+    eval_pairs = _limit(data.load_parallel(corpus, d.eval_split, d.src_lang, d.tgt_lang),
+                        d.max_eval_pairs)
+    tokenizer = _shared_tokenizer(workdir, model_cfg.vocab_size,
+                                  lambda: (text for pair in train_pairs for text in pair))
+    _check_tokenizer(tokenizer, model_cfg)
+    build = functools.partial(data.TranslationExamples.build, tokenizer=tokenizer,
+                              src_len=d.src_len, tgt_len=d.seq_len)
+    train, evals = build(train_pairs), build(eval_pairs)
+    return TaskData(train=train, eval=evals, use_mask=False, per_byte=False,
+                    info={'tokenizer_pieces': tokenizer.vocab_size,
+                          **{f'train_{k}': v for k, v in train.stats.items()},
+                          **{f'eval_{k}': v for k, v in evals.stats.items()}})
   # dialogue
   train_dialogues = _limit(data.load_dialogues(root / d.train_corpus, d.train_split or None),
                            d.max_train_dialogues)
@@ -328,9 +377,7 @@ def make_task_data(config, model_cfg: ModelConfig, workdir: str | os.PathLike[st
                           d.max_eval_dialogues)
   tokenizer = _shared_tokenizer(workdir, model_cfg.vocab_size,
                                 lambda: data.iter_turn_segments(train_dialogues))
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f'{tokenizer.path} has {tokenizer.vocab_size} pieces but config.model.'
-                     f'vocab_size={model_cfg.vocab_size}: raise vocab_size or delete the tokenizer')
+  _check_tokenizer(tokenizer, model_cfg)
   build = functools.partial(data.DialogueExamples.build, tokenizer=tokenizer, length=d.seq_len,
                             loss_on=d.loss_on, truncate=d.truncate)
   train, evals = build(train_dialogues), build(eval_dialogues)
@@ -338,6 +385,12 @@ def make_task_data(config, model_cfg: ModelConfig, workdir: str | os.PathLike[st
                   info={'tokenizer_pieces': tokenizer.vocab_size,
                         **{f'train_{k}': v for k, v in train.stats.items()},
                         **{f'eval_{k}': v for k, v in evals.stats.items()}})
+
+
+def _check_tokenizer(tokenizer, model_cfg: ModelConfig) -> None:
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f'{tokenizer.path} has {tokenizer.vocab_size} pieces but config.model.'
+                     f'vocab_size={model_cfg.vocab_size}: raise vocab_size or delete the tokenizer')
 
 
 def _limit(items: list, n: int) -> list:
@@ -407,7 +460,8 @@ class Evaluator:
     self.key = sharding.replicate(jax.random.fold_in(root_key, EVAL), mesh)
     rep = sharding.replicated(mesh)
     self.steps = {
-        name: jax.jit(functools.partial(eval_step, model=ReformerLM(cfg), use_mask=task.use_mask),
+        name: jax.jit(functools.partial(eval_step, model=make_model(cfg, config.data.task),
+                                        use_mask=task.use_mask),
                       out_shardings=rep, compiler_options=compiler_options(config))
         for name, cfg in eval_variants(config, model_cfg).items()}
 
@@ -586,17 +640,22 @@ def compiler_options(config) -> dict[str, Any] | None:
   return {'xla_backend_optimization_level': 0} if config.fast_compile else None
 
 
-def init_params(model: ReformerLM, seq_len: int, key: jax.Array):
-  """Fresh parameters of `model`, traced on one row of `seq_len` tokens (under `jax.eval_shape`,
-  their shapes: what a checkpoint is restored into)."""
+def init_params(model: ReformerLM | ReformerEncoderDecoder, seq_len: int, key: jax.Array,
+                src_len: int | None = None):
+  """Fresh parameters of `model`, traced on one row of `seq_len` tokens (and, for an
+  encoder-decoder, a source row of `src_len`, default `seq_len`); under `jax.eval_shape`, their
+  shapes: what a checkpoint is restored into."""
   tokens = jnp.zeros((1, seq_len), jnp.int32)
+  if isinstance(model, ReformerEncoderDecoder):
+    src = jnp.zeros((1, src_len or seq_len), jnp.int32)
+    return model.init({'params': key}, src, tokens, rng=key, train=False)['params']
   return model.init({'params': key}, tokens, rng=key, train=False)['params']
 
 
 def create_train_state(model: ReformerLM, tx, config, mesh, key):
   """Abstract state and its shardings, then the real state built directly in place on devices."""
   def init(init_key):
-    params = init_params(model, config.data.seq_len, init_key)
+    params = init_params(model, config.data.seq_len, init_key, config.data.get('src_len'))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, key)
@@ -620,6 +679,9 @@ def compile_train_step(model, tx, schedule, config, mesh, abstract_state, state_
   shape = (config.batch_size, config.data.seq_len)
   batch = {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
            'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)}
+  if config.data.task == 'translation':
+    batch['src'] = jax.ShapeDtypeStruct((config.batch_size, config.data.src_len), jnp.int32,
+                                        sharding=batch_sh)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
   return jitted.lower(abstract_state, batch, key).compile()
 
@@ -643,7 +705,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.devices()[0].platform, jax.process_count(), workdir)
 
   task = make_task_data(config, model_cfg, workdir)
-  model = ReformerLM(model_cfg)
+  model = make_model(model_cfg, config.data.task)
   schedule = make_schedule(config)
   tx = make_optimizer(config, schedule)
   root_key = jax.random.PRNGKey(config.seed)

@@ -17,6 +17,7 @@ CONFIGS = {  # module -> its arguments
     'default': ['', 'tiny'],
     'duplication': ['full', 'lsh1', 'lsh2', 'lsh4'],
     'chatbot': ['', 'full', 'large', 'tiny'],
+    'translation': ['', 'standard', 'tiny'],
     'shakespeare': ['4k', '8k', '16k', '32k', '64k'],
 }
 ALL = [(name, arg) for name, args in CONFIGS.items() for arg in args]

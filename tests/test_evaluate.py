@@ -110,3 +110,37 @@ def test_text_scores_are_sacrebleu_and_rouge_l():
 def test_bad_data_path_says_what_was_looked_for(chat_workdir):
   with pytest.raises(FileNotFoundError, match=r'Dialogue path .*no/such/corpus does not exist'):
     evaluate.run(evaluate.parse_args([f'--workdir={chat_workdir}', '--data=no/such/corpus']))
+
+
+@pytest.fixture(scope='module')
+def translation_workdir(tmp_path_factory, shared_data):
+  """`configs/translation.py:tiny` trained for a few steps on Multi30k de-en."""
+  from configs import translation  # pylint: disable=import-outside-toplevel
+  from reformer_jax import train  # pylint: disable=import-outside-toplevel
+  if not (shared_data / 'multi30k').is_dir():
+    pytest.skip(f'multi30k is not staged in {shared_data}')
+  config = translation.get_config('tiny')
+  config.wandb.mode = 'disabled'
+  config.data.data_dir = str(shared_data)
+  config.num_train_steps = 6
+  workdir = tmp_path_factory.mktemp('translation_tiny')
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def test_translation_task_reports_perplexity_and_bleu(translation_workdir):
+  """--task=translation: teacher-forced perplexity and sacreBLEU of beam-search translations of
+  the first Multi30k test pairs; greedy is beam 1; a dialogue model is refused with the fix."""
+  flags = [f'--workdir={translation_workdir}', '--task=translation', '--max_pairs=6',
+           '--batch_size=4', '--num_samples=2']
+  beam = evaluate.run(evaluate.parse_args(flags + ['--strategy=beam', '--beam=2']))
+  assert beam['task'] == 'translation' and beam['step'] == 6 and beam['n_pairs'] == 6
+  assert beam['split'] == 'test' and beam['data'].endswith('multi30k')
+  assert 1 < beam['perplexity'] < 1000 and 0 <= beam['bleu'] <= 100 and beam['n_tokens'] > 6
+  assert beam['samples'][0]['reference'].startswith('A man in an orange hat')
+  greedy = evaluate.run(evaluate.parse_args(flags))
+  assert greedy['perplexity'] == pytest.approx(beam['perplexity'])  # scoring ignores decoding
+  with pytest.raises(ValueError, match='beam or greedy'):
+    evaluate.run(evaluate.parse_args(flags + ['--strategy=sample']))
+  with pytest.raises(evaluate.inference.ModelLoadError, match="data.task='translation'"):
+    evaluate.run(evaluate.parse_args([f'--workdir={translation_workdir}', '--max_dialogues=1']))

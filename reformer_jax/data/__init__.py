@@ -33,6 +33,7 @@ from .pipeline import (
     prepare_tfds_dialogues,
 )
 from .text import BYTE_VOCAB_SIZE, ByteTextSource, decode_bytes, load_text_bytes, process_rows, split_by_position
+from .translation import TranslationExamples, load_parallel
 from .tokenizer import (
     EOS_ID,
     PAD_ID,
@@ -59,6 +60,7 @@ __all__ = [
     "DuplicationSource",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "TranslationExamples",
     "TurnSpan",
     "batch_indices",
     "canonical_split",
@@ -72,6 +74,7 @@ __all__ = [
     "load_dialogue_examples",
     "load_dialogues",
     "load_or_train_tokenizer",
+    "load_parallel",
     "load_text_bytes",
     "load_tfds_dialogues",
     "make_batches",
