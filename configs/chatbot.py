@@ -10,7 +10,7 @@ as MultiWOZ 2.2) and evaluates on the MultiWOZ 2.1 validation split. The data is
 trained on the training text at the first start and kept in the workdir (`tokenizer.model`); a
 resumed run reuses it, so an interrupted run continues by rerunning its command.
 
-* '' (default): a 4-layer reversible LSH Reformer sized for a 2-core CPU (~35 min alone).
+* '' (default): a 4-layer reversible LSH Reformer sized for a 2-core CPU (~30 min alone).
 * `full`: the same model and budget with full attention, the baseline.
 * `large`: 6 layers of width 512, 4 hashes, 1,024-token context, for an accelerator.
 * `tiny`: a small model on the 128 dialogues of one SGD file (under a minute on a 2-core CPU),
@@ -32,7 +32,7 @@ def get_config(arg: str = ''):
   config.data.max_eval_dialogues = 200     # first 200 MultiWOZ validation dialogues per eval
   config.model.vocab_size = 4000           # sentencepiece pieces (pad 0, eos 1, unk 2)
   # Model: 4 reversible LSH layers of width 256, 2 hashes; ~5M parameters, ~2,100 tokens/s on
-  # a 2-core CPU, so 1,000 steps of 8 x 512 tokens (4.1M tokens, ~0.3 epoch of SGD) take ~35 min.
+  # a 2-core CPU, so 800 steps of 8 x 512 tokens (3.3M tokens, ~0.25 epoch of SGD) take ~30 min.
   config.model.d_model = 256
   config.model.d_ff = 1024
   config.model.n_heads = 4
@@ -42,7 +42,7 @@ def get_config(arg: str = ''):
   config.model.n_hashes = 2
   config.model.dropout = 0.0               # less than one epoch: nothing to regularize yet
   config.batch_size = 8
-  config.num_train_steps = 1_000
+  config.num_train_steps = 800
   config.learning_rate = 1e-3
   config.warmup_steps = 100
   config.eval_batch_size = 16
