@@ -159,6 +159,11 @@ class ReformerLM(nn.Module):
   Call: `logits = model.apply(variables, tokens, mask=None, rng=key, train=False)`, with
   tokens `[B, L]` int ids (L <= max_len, a multiple of chunk_len for lsh/local layers), mask
   `[B, L]` booleans (False at padding), logits `[B, L, V]` float32.
+
+  The call is `logits(features(tokens))`; both halves can be applied on their own
+  (`method=ReformerLM.features`, `method=ReformerLM.logits`), so a loss over a long sequence
+  can project the `[B, L, D]` features to logits a chunk of positions at a time
+  (`train.chunked_token_sums`) instead of holding `[B, L, V]` logits.
   """
   cfg: ModelConfig
 
@@ -168,11 +173,18 @@ class ReformerLM(nn.Module):
     self.head = _OutputHead(self.cfg)
 
   def __call__(self, tokens, *, mask=None, rng=None, train=False):
+    return self.logits(self.features(tokens, mask=mask, rng=rng, train=train))
+
+  def features(self, tokens, *, mask=None, rng=None, train=False):
+    """`[B, L]` ids -> `[B, L, D]` output of the decoder stack (before the head's LayerNorm)."""
     key = _call_key(self.cfg, rng, train)
     fold = (lambda tag: None) if key is None else (lambda tag: jax.random.fold_in(key, tag))
     x = self.embedding(tokens, key=fold(EMBED), train=train)
-    x = self.decoder(x, mask=mask, key=fold(DECODER), train=train)
-    return self.head(x, self.embedding)
+    return self.decoder(x, mask=mask, key=fold(DECODER), train=train)
+
+  def logits(self, features):
+    """`[..., D]` features (of any positions) -> `[..., V]` float32 logits."""
+    return self.head(features, self.embedding)
 
 
 class ReformerEncoderDecoder(nn.Module):
