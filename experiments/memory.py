@@ -3,6 +3,8 @@
     python -m experiments.memory --quick                 # a few minutes on 2 CPU cores
     python -m experiments.memory --out experiments/results/memory_cpu.json
     python -m experiments.memory --headline-only --out experiments/results/memory_1m_cpu.json
+    python -m experiments.memory --headline-only --dtype bfloat16 --compile-only \
+        --out experiments/results/memory_1m_bf16_cpu.json
 
 Five models, each a `ReformerLM` trained by one SGD step (cross-entropy, parameters donated):
 
@@ -93,6 +95,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--ff-chunk-len', type=int, default=512,
                  help='feed-forward chunk (tokens) of the chunked variants (capped at the length)')
   p.add_argument('--vocab-size', type=int, default=256)
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                 help='compute dtype of every model (parameters stay float32)')
   p.add_argument('--compile-only', action='store_true', help='compiled analysis only, no runs')
   p.add_argument('--memory-margin', type=float, default=0.7,
                  help='run a point only if its compiled peak is below this fraction of the '
@@ -141,7 +145,8 @@ def model_config(point: dict[str, Any]):
       n_heads=point['heads'], n_layers=point['n_layers'], attention_types=(attention,),
       max_len=length, chunk_len=min(point['chunk_len'], length), n_hashes=point['hashes'],
       reversible=reversible,
-      ff_chunk_len=min(point['ff_chunk_len'], length) if chunked else 0)
+      ff_chunk_len=min(point['ff_chunk_len'], length) if chunked else 0,
+      dtype=point.get('dtype', 'float32'))
 
 
 def train_step_fn(model):
@@ -294,7 +299,7 @@ def measure(point: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
 def base_point(args, **changes) -> dict[str, Any]:
   point = dict(batch=1, d_model=args.d_model, d_ff=args.d_ff, heads=args.heads,
                hashes=args.hashes, chunk_len=args.chunk_len, ff_chunk_len=args.ff_chunk_len,
-               vocab_size=args.vocab_size, memory_margin=args.memory_margin,
+               vocab_size=args.vocab_size, dtype=args.dtype, memory_margin=args.memory_margin,
                run=not args.compile_only, note=None)
   point.update(changes)
   attention, reversible, chunked = VARIANTS[point['variant']]

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from reformer_jax.attention import default_n_buckets, full_attention, local_attention, lsh_attention
+from reformer_jax.attention.common import resolve_chunking
+from reformer_jax.attention.lsh import attention_groups, lsh_self_attention
 from reformer_jax.model_config import ModelConfig
 
 HASH, DROPOUT = 0, 1  # fold_in tags of a block's key
@@ -39,6 +41,23 @@ def _dropout_key(key, train):
   return jax.random.fold_in(key, DROPOUT) if train and key is not None else None
 
 
+def layer_norm(params: dict, x: jax.Array, dtype, epsilon: float = 1e-6) -> jax.Array:
+  """Layer normalization of the last axis, statistics in float32: what `LayerNorm` computes.
+
+  Args:
+    params: {'scale': [D], 'bias': [D]}.
+    x: `[..., D]`.
+  Returns:
+    `[..., D]` in `dtype`.
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  centered = xf - mean
+  var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+  y = centered * jax.lax.rsqrt(var + epsilon) * params['scale'] + params['bias']
+  return y.astype(dtype)
+
+
 class LayerNorm(nn.Module):
   """Layer normalization over the last axis, statistics in float32.
 
@@ -52,55 +71,139 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dim = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (dim,), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (dim,), self.param_dtype)
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    centered = xf - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    y = centered * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
+    return layer_norm(_norm_params(x.shape[-1], self.param_dtype, self), x, self.dtype,
+                      self.epsilon)
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> LayerNorm:
   return LayerNorm(dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype, name=name)
 
 
+class _Params(nn.Module):
+  """Declares parameters and returns them: `((name, init, shape, dtype), ...)` -> {name: array}.
+
+  Lets a block run a layer as a pure function (e.g. a chunk of positions at a time under
+  `lax.map`) while its parameters keep the names the layer's own module would give them.
+  """
+  specs: tuple
+
+  @nn.compact
+  def __call__(self):
+    return {name: self.param(name, init, shape, dtype) for name, init, shape, dtype in self.specs}
+
+
+def _norm_params(width: int, param_dtype, parent: nn.Module, name: str | None = None) -> dict:
+  """The `{'scale', 'bias'}` of a `LayerNorm`; with `name`, under that child of `parent`."""
+  specs = (('scale', nn.initializers.ones, (width,), param_dtype),
+           ('bias', nn.initializers.zeros, (width,), param_dtype))
+  if name is None:  # the LayerNorm module's own parameters
+    return {n: parent.param(n, init, shape, dtype) for n, init, shape, dtype in specs}
+  return _Params(specs, parent=parent, name=name)()
+
+
+def _dense_init(key, shape, dtype, *, n_in: int):
+  """`nn.DenseGeneral`'s kernel initialization: lecun normal of the flattened (in, out) matrix."""
+  flat = (math.prod(shape[:n_in]), math.prod(shape[n_in:]))
+  return nn.initializers.lecun_normal()(key, flat, dtype).reshape(shape)
+
+
+def _kernel(cfg: ModelConfig, parent: nn.Module, name: str, shape: tuple[int, ...],
+            n_in: int) -> jax.Array:
+  """The kernel of the bias-free `nn.DenseGeneral` named `name` (same name, shape and init)."""
+  init = functools.partial(_dense_init, n_in=n_in)
+  return _Params((('kernel', init, shape, cfg.parameter_dtype),), parent=parent, name=name)()[
+      'kernel']
+
+
+# Per-token layers (LayerNorm and the attention projections) go a chunk of positions at a time
+# once their float32 `[B, L, D]` activations exceed this (and every chunk stays below it):
+# their full-length intermediates then never exist, in the forward or the backward pass.
+TOKEN_CHUNK_BYTES = 2 ** 28
+
+
+def token_chunks(batch: int, length: int, width: int) -> int:
+  """How many chunks of positions the per-token layers use (1: the whole sequence at once)."""
+  n = -(-4 * batch * length * width // TOKEN_CHUNK_BYTES)
+  return next(d for d in range(max(1, min(n, length)), length + 1) if length % d == 0)
+
+
+def map_positions(fn, x: jax.Array, n_chunks: int):
+  """`fn(x)` for a per-position `fn`, over `n_chunks` chunks of the length axis of `x [B, L, ...]`.
+
+  The chunks run under `lax.map` of a rematerialized `fn`: one chunk's intermediates exist at a
+  time, in the forward and in the backward pass. `fn` maps `[B, l, ...]` to a pytree of
+  `[B, l, ...]` arrays.
+  """
+  if n_chunks == 1:
+    return fn(x)
+  batch, length = x.shape[:2]
+  size = length // n_chunks
+  chunks = x.reshape(batch, n_chunks, size, *x.shape[2:]).swapaxes(0, 1)
+  out = jax.lax.map(jax.checkpoint(fn, prevent_cse=False), chunks)
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(batch, length, *y.shape[3:]), out)
+
+
 class SelfAttention(nn.Module):
-  """Projects `[B, L, D]` into heads, runs the `full | lsh | local` kernel, projects back."""
+  """Projects `[B, L, D]` into heads, runs the `full | lsh | local` kernel, projects back.
+
+  With `norm` (a LayerNorm's parameters) the input is normalized first, inside the projection:
+  long sequences then normalize and project a chunk of positions at a time (`token_chunks`),
+  so neither the normalized `[B, L, D]` input nor its float32 intermediates exist whole.
+  """
   cfg: ModelConfig
   attention_type: str
   causal: bool
 
   @nn.compact
-  def __call__(self, x, *, mask=None, key=None, buckets=None):
+  def __call__(self, x, *, norm=None, mask=None, key=None, buckets=None):
     cfg = self.cfg
-    dense = functools.partial(nn.DenseGeneral, features=(cfg.n_heads, cfg.head_dim_),
-                              use_bias=False, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.parameter_dtype)
+    dtype, width = cfg.compute_dtype, cfg.d_model
+    in_shape = (x.shape[-1], cfg.n_heads, cfg.head_dim_)
     shared = self.attention_type == 'lsh' or cfg.shared_qk
-    q = dense(name='qk' if shared else 'query')(x)  # [B, L, N, H]
-    k = None if shared else dense(name='key')(x)
-    v = dense(name='value')(x)
+    names = ('qk',) if shared else ('query', 'key')
+    kernels = [_kernel(cfg, self, name, in_shape, 1) for name in names + ('value',)]
+    w_out = _kernel(cfg, self, 'out', (cfg.n_heads, cfg.head_dim_, width), 2)
+    batch, length = x.shape[:2]
+    n_chunks = token_chunks(batch, length, width)
+    normalize = lambda x: (x if norm is None else layer_norm(norm, x, dtype)).astype(dtype)
     chunking = dict(chunk_len=cfg.chunk_len, n_chunks_before=cfg.n_chunks_before,
                     n_chunks_after=0 if self.causal else cfg.n_chunks_after)
-    if self.attention_type == 'lsh':
+    lsh = self.attention_type == 'lsh'
+    if lsh:
       hash_key = None if key is None else jax.random.fold_in(key, HASH)
-      n_buckets = cfg.n_buckets or default_n_buckets(x.shape[1], min(cfg.chunk_len, x.shape[1]))
-      out, buckets = lsh_attention(q, v, rng=hash_key, n_hashes=cfg.n_hashes,
-                                   n_buckets=n_buckets, causal=self.causal, mask=mask,
-                                   buckets=buckets, return_buckets=True, **chunking)
+      n_buckets = cfg.n_buckets or default_n_buckets(length, min(cfg.chunk_len, length))
+      chunk_len, before, after = resolve_chunking(length, cfg.chunk_len, chunking['n_chunks_before'],
+                                                  chunking['n_chunks_after'], 'lsh_attention')
+      parallel, _ = attention_groups(batch, length, cfg.n_heads, cfg.head_dim_, cfg.n_hashes,
+                                     chunk_len, (before + 1 + after) * chunk_len)
+    if lsh and parallel < cfg.n_heads:
+      # Too big for all heads at once: project, attend and project back a group of heads at a
+      # time, so no [B, L, N, H] activation (or gradient) is ever made whole.
+      out, buckets = lsh_self_attention(
+          map_positions(normalize, x, n_chunks), *kernels, w_out, rng=hash_key,
+          n_hashes=cfg.n_hashes, n_buckets=n_buckets, causal=self.causal, mask=mask,
+          buckets=buckets, n_parallel_heads=parallel, **chunking)
+    else:
+      def project(x):  # [B, l, D] -> ([B, l, N, H] per kernel)
+        h = normalize(x)
+        return tuple(jnp.einsum('bld,dnh->blnh', h, k.astype(dtype)) for k in kernels)
+
+      projected = map_positions(project, x, n_chunks)
+      q, k, v = (projected[0], None, projected[1]) if shared else projected
+      if lsh:
+        out, buckets = lsh_attention(q, v, rng=hash_key, n_hashes=cfg.n_hashes,
+                                     n_buckets=n_buckets, causal=self.causal, mask=mask,
+                                     buckets=buckets, return_buckets=True, **chunking)
+      elif self.attention_type == 'local':
+        out = local_attention(q, k, v, causal=self.causal, mask=mask, **chunking)
+      else:
+        out = full_attention(q, k, v, causal=self.causal, mask=mask)
+      out = jnp.einsum('blnh,nhd->bld', out.astype(dtype), w_out.astype(dtype))
+    if lsh:
       # The reversible stack keeps these for the backward pass: store them in the smallest int.
       total = math.prod((n_buckets,) if isinstance(n_buckets, int) else n_buckets)
       buckets = buckets.astype(jnp.int8 if total <= 127 else jnp.int16 if total <= 32767
                                else jnp.int32)
-    elif self.attention_type == 'local':
-      out = local_attention(q, k, v, causal=self.causal, mask=mask, **chunking)
-    else:
-      out = full_attention(q, k, v, causal=self.causal, mask=mask)
-    out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-                          param_dtype=cfg.parameter_dtype, name='out')(out)
     return out, buckets
 
 
@@ -114,9 +217,9 @@ class AttentionBlock(nn.Module):
   def __call__(self, x, *, context=None, mask=None, context_mask=None, key=None, buckets=None,
                train=False):
     del context, context_mask
-    h = _layer_norm(self.cfg, 'norm')(x)
+    norm = _norm_params(x.shape[-1], self.cfg.parameter_dtype, self, 'norm')
     h, buckets = SelfAttention(self.cfg, self.attention_type, self.causal, name='attention')(
-        h, mask=mask, key=key, buckets=buckets)
+        x, norm=norm, mask=mask, key=key, buckets=buckets)
     return dropout(h, self.cfg.dropout, _dropout_key(key, train)), buckets
 
 
@@ -141,7 +244,7 @@ class CrossAttentionBlock(nn.Module):
 
 
 def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float = 0.0,
-                 key: jax.Array | None = None) -> jax.Array:
+                 key: jax.Array | None = None, norm: dict | None = None) -> jax.Array:
   """`dropout(gelu(x W1 + b1)) W2 + b2`, optionally over chunks of the length axis.
 
   With `chunk_len` > 0 the chunks run under `lax.map` of a rematerialized function: the
@@ -152,10 +255,14 @@ def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float 
     params: {'w1': [D, F], 'b1': [F], 'w2': [F, D], 'b2': [D]}.
     x: `[B, L, D]`; L must be a multiple of `chunk_len` when chunking.
     key: dropout key (chunk i uses `fold_in(key, i)`), or None for no dropout.
+    norm: LayerNorm parameters to normalize `x` with first (chunk by chunk when chunking, so
+      the normalized `[B, L, D]` input never exists whole); the result keeps `x`'s dtype.
   Returns:
     `[B, L, D]`.
   """
   def apply(x_chunk, chunk_key):
+    if norm is not None:
+      x_chunk = layer_norm(norm, x_chunk, x_chunk.dtype)
     h = jnp.einsum('bld,df->blf', x_chunk, params['w1'].astype(x_chunk.dtype)) + params['b1']
     h = dropout(jax.nn.gelu(h).astype(x_chunk.dtype), rate, chunk_key)
     return (jnp.einsum('blf,fd->bld', h, params['w2'].astype(h.dtype)) + params['b2']).astype(
@@ -195,10 +302,11 @@ class FeedForwardBlock(nn.Module):
         'b2': self.param('b2', nn.initializers.zeros, (cfg.d_model,), cfg.parameter_dtype),
     }
     params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
-    h = _layer_norm(cfg, 'norm')(x)
+    norm = _norm_params(x.shape[-1], cfg.parameter_dtype, self, 'norm')
     drop_key = _dropout_key(key, train)
     ff_key = None if drop_key is None else jax.random.fold_in(drop_key, 0)
-    out = feed_forward(params, h, chunk_len=cfg.ff_chunk_len, rate=cfg.dropout, key=ff_key)
+    out = feed_forward(params, x.astype(cfg.compute_dtype), chunk_len=cfg.ff_chunk_len,
+                       rate=cfg.dropout, key=ff_key, norm=norm)
     return dropout(out, cfg.dropout, drop_key), buckets
 
 

@@ -24,6 +24,8 @@ from reformer_jax.layers import (AttentionBlock, AxialPositionalEmbedding, Cross
 from reformer_jax.model_config import ModelConfig
 
 EMBED, DECODER, ENCODER = 0, 1, 2  # fold_in tags of the call's key
+# A reversible stack whose float32 `[B, L, D]` streams exceed this runs as a scan over layers.
+SCAN_STREAM_BYTES = 2 ** 26
 
 
 class Stack(nn.Module):
@@ -71,8 +73,15 @@ class Stack(nn.Module):
         block(x, context=context, key=k, train=train, **(consts or {}))
     params = [self.variables['params'][name] for _, _, name in specs]
     fns = [_pure_block(cls(**attrs, parent=None), train) for cls, attrs, _ in specs]
+    # Blocks repeat every layer (every len(attention_types) layers). Once the streams are big
+    # the stack scans over those groups, so the compiler allocates for one group at a time (it
+    # may otherwise start later blocks' buffers early: memory then grows with depth); small
+    # ones keep the unrolled stack.
+    cycle = len(self.cfg.attention_types)
+    period = (len(specs) // self.n_layers * cycle
+              if self.n_layers % cycle == 0 and 4 * x.size > SCAN_STREAM_BYTES else None)
     y1, y2, replays = reversible.reversible_stack(fns, params, x, x, keys=keys, context=context,
-                                                  consts=consts)
+                                                  consts=consts, period=period)
     self._sow_balance(specs, replays)
     return (y1 + y2) / 2
 

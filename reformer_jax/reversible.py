@@ -52,35 +52,103 @@ def _forward(fns, params, x1, x2, context, consts, keys, replays=None):
   return a, b, tuple(out_replays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _reversible(fns, params, x1, x2, context, consts, keys):
-  return _forward(fns, params, x1, x2, context, consts, keys)
+# Scanned stacks: when the functions repeat with a period (f_i is f_{i + period} with other
+# parameters), the stack runs as a `lax.scan` over the n / period groups, parameters, keys and
+# replays stacked along a leading axis. The loop body is one group: the compiler sees (and
+# schedules, and allocates for) one group at a time, so nothing of one group's work can be
+# hoisted next to another's, and compile time no longer grows with depth.
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _reversible_fwd(fns, params, x1, x2, context, consts, keys):
-  y1, y2, replays = _forward(fns, params, x1, x2, context, consts, keys)
-  return (y1, y2, replays), (params, y1, y2, context, consts, keys, replays)
+def _by_position(items, period):
+  """`[g0p0, g0p1, g1p0, g1p1, ...]` -> one stacked pytree per position in the period."""
+  return tuple(_stack(items[k::period]) for k in range(period))
 
 
-def _reversible_bwd(fns, residuals, cotangents):
+def _unstack(stacked, n, period):
+  """The inverse of `_by_position`: a list of n per-function pytrees."""
+  return [jax.tree.map(lambda x, i=i: x[i // period], stacked[i % period]) for i in range(n)]
+
+
+def _forward_scan(fns, period, params, x1, x2, context, consts, keys):
+  def body(carry, xs):
+    a, b = carry
+    group_params, group_keys = xs
+    replays = []
+    for k in range(period):
+      delta, replay = fns[k](group_params[k], b, context, consts, group_keys[k], None)
+      a, b = b, a + delta
+      replays.append(replay)
+    return (a, b), tuple(replays)
+
+  (a, b), replays = jax.lax.scan(body, (x1, x2), (_by_position(params, period),
+                                                  _by_position(keys, period)))
+  return a, b, replays  # replays: one stacked pytree per position in the period
+
+
+def _scanned(fns, period) -> bool:
+  return period is not None and len(fns) % period == 0 and len(fns) // period >= 2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _reversible(fns, period, params, x1, x2, context, consts, keys):
+  return _reversible_fwd(fns, period, params, x1, x2, context, consts, keys)[0]
+
+
+def _reversible_fwd(fns, period, params, x1, x2, context, consts, keys):
+  if _scanned(fns, period):
+    y1, y2, stacked = _forward_scan(fns, period, params, x1, x2, context, consts, keys)
+    replays = tuple(_unstack(stacked, len(fns), period))
+  else:
+    y1, y2, replays = _forward(fns, params, x1, x2, context, consts, keys)
+    stacked = replays
+  return (y1, y2, replays), (params, y1, y2, context, consts, keys, stacked)
+
+
+def _backward_step(f, p, key, replay, a, b, ga, gb, context, consts):
+  """Rebuilds one step's inputs from its outputs (a, b) and pulls the cotangents back."""
+  # Without the barrier XLA may rebuild every step's inputs ahead of the cotangents (they
+  # depend only on the outputs), holding all of them at once: memory would grow with depth.
+  a, b, ga, gb = jax.lax.optimization_barrier((a, b, ga, gb))
+
+  def step(p, x, ctx):
+    return f(p, x, ctx, consts, key, replay)[0]
+  # Outputs (a, b) = (b_in, a_in + f(b_in)): rebuild the inputs, then pull the cotangents back.
+  delta, vjp = jax.vjp(step, p, a, context)
+  gp, gx, gc = vjp(gb)
+  return (b - delta, a, gb, ga + gx), gp, gc
+
+
+def _reversible_bwd(fns, period, residuals, cotangents):
   params, a, b, context, consts, keys, replays = residuals
   ga, gb, _ = cotangents  # replays are integers: no cotangent
-  grad_params = [None] * len(fns)
-  grad_context = jax.tree.map(lambda c: jnp.zeros_like(c), context)
-  for i in reversed(range(len(fns))):
-    # Without the barrier XLA may rebuild every step's inputs ahead of the cotangents (they
-    # depend only on the outputs), holding all of them at once: memory would grow with depth.
-    a, b, ga, gb = jax.lax.optimization_barrier((a, b, ga, gb))
+  grad_context = jax.tree.map(jnp.zeros_like, context)
+  add = lambda x, y: jax.tree.map(jnp.add, x, y)
+  if _scanned(fns, period):
+    def body(carry, xs):
+      streams, acc = carry
+      group_params, group_keys, group_replays = xs
+      grads = [None] * period
+      for k in reversed(range(period)):
+        streams, grads[k], gc = _backward_step(fns[k], group_params[k], group_keys[k],
+                                               group_replays[k], *streams, context, consts)
+        acc = add(acc, gc)
+      return (streams, acc), tuple(grads)
 
-    def step(p, x, ctx, i=i):
-      return fns[i](p, x, ctx, consts, keys[i], replays[i])[0]
-    # Outputs (a, b) = (b_in, a_in + f(b_in)): rebuild the inputs, then pull the cotangents back.
-    delta, vjp = jax.vjp(step, params[i], a, context)
-    gp, gx, gc = vjp(gb)
-    a, b = b - delta, a
-    ga, gb = gb, ga + gx
-    grad_params[i] = gp
-    grad_context = jax.tree.map(lambda acc, g: acc + g, grad_context, gc)
+    ((_, _, ga, gb), grad_context), grads = jax.lax.scan(
+        body, ((a, b, ga, gb), grad_context),
+        (_by_position(params, period), _by_position(keys, period), replays), reverse=True)
+    return tuple(_unstack(grads, len(fns), period)), ga, gb, grad_context, None, None
+
+  grad_params = [None] * len(fns)
+  streams = (a, b, ga, gb)
+  for i in reversed(range(len(fns))):
+    streams, grad_params[i], gc = _backward_step(fns[i], params[i], keys[i], replays[i],
+                                                 *streams, context, consts)
+    grad_context = add(grad_context, gc)
+  _, _, ga, gb = streams
   return tuple(grad_params), ga, gb, grad_context, None, None
 
 
@@ -89,7 +157,8 @@ _reversible.defvjp(_reversible_fwd, _reversible_bwd)
 
 def reversible_stack(fns: Sequence[ResidualFn], params: Sequence[Any], x1: jax.Array,
                      x2: jax.Array, *, keys: Sequence[jax.Array], context: Any = None,
-                     consts: Any = None, memory_efficient: bool = True):
+                     consts: Any = None, memory_efficient: bool = True,
+                     period: int | None = None):
   """Applies `(a, b) -> (b, a + f_i(b))` for each function in turn.
 
   Args:
@@ -101,6 +170,10 @@ def reversible_stack(fns: Sequence[ResidualFn], params: Sequence[Any], x1: jax.A
     consts: non-differentiable pytree passed to every function (masks), or None.
     memory_efficient: True uses the reversible backward pass (activation memory independent of
       depth); False lets autodiff store every activation (the same function, for testing).
+    period: when `fns[i + period]` is `fns[i]` (applied to other parameters of the same
+      structure) for every i, the stack runs as a `lax.scan` over the groups of `period`
+      functions (at least two groups; otherwise unrolled): one group's code, compiled once,
+      whatever the depth. The functions `fns[period:]` are then never called.
   Returns:
     `(y1, y2, replays)`: the output streams and each function's replay data.
   """
@@ -109,7 +182,10 @@ def reversible_stack(fns: Sequence[ResidualFn], params: Sequence[Any], x1: jax.A
                      f'trees and {len(keys)} keys; pass one of each per function')
   fns, params, keys = tuple(fns), tuple(params), tuple(keys)
   if memory_efficient:
-    return _reversible(fns, params, x1, x2, context, consts, keys)
+    return _reversible(fns, period, params, x1, x2, context, consts, keys)
+  if _scanned(fns, period):
+    y1, y2, stacked = _forward_scan(fns, period, params, x1, x2, context, consts, keys)
+    return y1, y2, tuple(_unstack(stacked, len(fns), period))
   return _forward(fns, params, x1, x2, context, consts, keys)
 
 

@@ -296,3 +296,121 @@ def test_lsh_matches_loop_reference_across_chunks(causal):
   ref = _reference_lsh(qk, v, buckets, 4, causal, mask, 4, after=after)
   valid = np.asarray(mask)[:, :, None, None]
   np.testing.assert_allclose(np.asarray(out) * valid, ref * valid, atol=2e-5)
+
+
+def _outputs_and_grads(fn, qk, v, cot):
+  return fn(qk, v), jax.grad(lambda a, b: jnp.sum(fn(a, b) * cot), (0, 1))(qk, v)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+@pytest.mark.parametrize('n_hashes', [1, 3])
+@pytest.mark.parametrize('groups', [dict(n_parallel_heads=1),
+                                    dict(query_chunk_groups=2),
+                                    dict(n_parallel_heads=2, query_chunk_groups='per_chunk'),
+                                    dict(n_parallel_heads=1, query_chunk_groups='two_chunks')])
+def test_grouped_lsh_equals_single_pass(causal, n_hashes, groups):
+  """Heads in groups and query chunks in steps: the same outputs and gradients as one pass."""
+  heads, length, chunk = 4, 64, 8
+  qk, v, mask = (jax.random.normal(jax.random.PRNGKey(i), (B, length, heads, H)) for i in (0, 1, 2))
+  mask = jnp.arange(length)[None, :] < jnp.array([[length], [length * 3 // 4]])
+  cot = jax.random.normal(jax.random.PRNGKey(3), qk.shape) * mask[:, :, None, None]
+  n_chunks = n_hashes * length // chunk
+  sizes = {'per_chunk': n_chunks, 'two_chunks': n_chunks // 2}
+  groups = {k: sizes.get(v, v) for k, v in groups.items()}
+  # Two chunks back and one ahead (non-causal): windows reach past a step of one chunk.
+  kw = dict(rng=jax.random.PRNGKey(5), n_hashes=n_hashes, n_buckets=8, chunk_len=chunk,
+            causal=causal, mask=mask, n_chunks_before=2, n_chunks_after=0 if causal else 1)
+
+  @jax.jit
+  def run(qk, v):
+    single = lambda a, b: lsh_attention(a, b, n_parallel_heads=heads, query_chunk_groups=1, **kw)
+    grouped = lambda a, b: lsh_attention(a, b, **groups, **kw)
+    return _outputs_and_grads(single, qk, v, cot), _outputs_and_grads(grouped, qk, v, cot)
+
+  (out, grads), (out_g, grads_g) = run(qk, v)
+  valid = np.asarray(mask)[:, :, None, None]
+  np.testing.assert_allclose(out_g * valid, out * valid, atol=2e-6)
+  for a, b in zip(grads_g, grads):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_automatic_groups_keep_one_pass_until_the_logits_are_large():
+  from reformer_jax.attention import lsh
+  # batch 8 x 16K tokens, 8 heads, 2 rounds: 1 GiB of logits, still one pass.
+  assert lsh.attention_groups(8, 2 ** 14, 8, 64, 2, 64, 128) == (8, 1)
+  # One 1M-token sequence: one head at a time, each head's chunks in 64 MiB steps of logits.
+  parallel, groups = lsh.attention_groups(1, 2 ** 20, 8, 64, 2, 64, 128)
+  assert parallel == 1
+  assert 4 * 2 * 2 ** 20 * 128 // groups <= lsh.QUERY_GROUP_LOGITS_BYTES
+  qk, v, _ = _inputs(length=64)
+  with pytest.raises(ValueError, match='n_parallel_heads 3 does not divide the 2 heads'):
+    lsh_attention(qk, v, rng=jax.random.PRNGKey(0), chunk_len=8, n_parallel_heads=3)
+  with pytest.raises(ValueError, match='query_chunk_groups 3 does not divide the 16 sorted'):
+    lsh_attention(qk, v, rng=jax.random.PRNGKey(0), n_hashes=2, chunk_len=8,
+                  query_chunk_groups=3)
+
+
+def test_hashing_in_blocks_of_positions_gives_the_same_buckets(monkeypatch):
+  from reformer_jax.attention import lsh
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, N, 64, H))
+  whole = hash_vectors(x, jax.random.PRNGKey(1), 3, (4, 8))
+  monkeypatch.setattr(lsh, 'HASH_SINGLE_PASS_BYTES', 0)
+  monkeypatch.setattr(lsh, 'HASH_BLOCK_BYTES', 1024)  # 16+ blocks of positions
+  np.testing.assert_array_equal(hash_vectors(x, jax.random.PRNGKey(1), 3, (4, 8)), whole)
+
+
+def test_grouped_lsh_backward_memory_does_not_scale_with_heads_and_rounds():
+  """At a fixed length, one pass holds logits for every head and round (~16x from 2 heads x 1
+  round to 8 heads x 4 rounds); one head at a time in fixed-size steps holds one step's."""
+  length, chunk = 1024, 32
+
+  def temp_bytes(heads, hashes, **groups):
+    qk = jnp.ones((1, length, heads, 16))
+    buckets = jnp.zeros((1, heads, hashes, length), jnp.int32)  # replayed, as in the backward
+    loss = lambda a, b: jnp.sum(lsh_attention(a, b, rng=None, buckets=buckets, n_hashes=hashes,
+                                              n_buckets=64, chunk_len=chunk, causal=True,
+                                              **groups))
+    return _compiled_temp_bytes(jax.grad(loss, (0, 1)), qk, qk)
+
+  steps = lambda hashes: hashes * length // chunk // 4  # 4 chunks per step
+  single = temp_bytes(8, 4, query_chunk_groups=1) / temp_bytes(2, 1, query_chunk_groups=1)
+  grouped = (temp_bytes(8, 4, n_parallel_heads=1, query_chunk_groups=steps(4))
+             / temp_bytes(2, 1, n_parallel_heads=1, query_chunk_groups=steps(1)))
+  assert single > 12, single
+  assert grouped < 2.5, grouped  # what remains grows with the rounds' sorted indices only
+
+
+@pytest.mark.parametrize('replay', [False, True])
+@pytest.mark.parametrize('causal', [False, True])
+def test_lsh_self_attention_by_head_groups_equals_projected_lsh_attention(causal, replay):
+  from reformer_jax.attention.lsh import lsh_self_attention
+  d, heads, length = 16, 4, 64
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  x = jax.random.normal(ks[0], (B, length, d))
+  w_qk, w_v = (jax.random.normal(k, (d, heads, H)) / 4 for k in ks[1:3])
+  w_out = jax.random.normal(ks[3], (heads, H, d)) / 4
+  cot = jax.random.normal(ks[4], x.shape)
+  mask = jnp.arange(length)[None, :] < jnp.array([[length], [length * 3 // 4]])
+  kw = dict(rng=jax.random.PRNGKey(5), n_hashes=2, chunk_len=8, causal=causal, mask=mask,
+            n_chunks_after=0 if causal else 1)
+
+  def reference(x, w_qk, w_v, w_out):
+    out, buckets = lsh_attention(jnp.einsum('bld,dnh->blnh', x, w_qk),
+                                 jnp.einsum('bld,dnh->blnh', x, w_v), return_buckets=True, **kw)
+    return jnp.einsum('blnh,nhd->bld', out, w_out), buckets
+
+  @jax.jit
+  def run(*args):
+    ref_out, ref_buckets = reference(*args)
+    grouped = lambda *a: lsh_self_attention(*a, buckets=ref_buckets if replay else None,
+                                            n_parallel_heads=1, query_chunk_groups=4, **kw)
+    out, buckets = grouped(*args)
+    grads = [jax.grad(lambda *a: jnp.sum(f(*a)[0] * cot), (0, 1, 2, 3))(*args)
+             for f in (reference, grouped)]
+    return ref_out, ref_buckets, out, buckets, grads
+
+  ref_out, ref_buckets, out, buckets, (ref_grads, grads) = run(x, w_qk, w_v, w_out)
+  np.testing.assert_array_equal(buckets, ref_buckets)  # each group hashes as lsh_attention does
+  np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
+  for a, b in zip(grads, ref_grads):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-5)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reformer_jax.layers import AxialPositionalEmbedding, feed_forward
+from reformer_jax.layers import AxialPositionalEmbedding, feed_forward, layer_norm, map_positions
 
 
 def _ff_params(d=16, f=64, seed=0):
@@ -70,3 +70,33 @@ def test_axial_positions_factorize_and_slice():
   assert len(np.unique(np.asarray(full), axis=0)) == 32
   with pytest.raises(ValueError, match='exceeds axial_shape'):
     module.apply(params, 33)
+
+
+def test_per_position_layers_in_chunks_equal_the_whole_sequence():
+  """LayerNorm inside the chunked feed-forward, and `map_positions`: same values and gradients."""
+  params = _ff_params()
+  norm = {'scale': jnp.linspace(0.5, 1.5, 16), 'bias': jnp.linspace(-1, 1, 16)}
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 16)) * 3 + 1
+  w = jax.random.normal(jax.random.PRNGKey(2), (16, 4, 8))
+
+  def project(x, norm, w):  # a per-position function with two outputs
+    h = layer_norm(norm, x, x.dtype)
+    return jnp.einsum('bld,dnh->blnh', h, w), jnp.tanh(h)
+
+  @jax.jit
+  def run(params, norm, w, x):
+    outs = []
+    for chunks in (1, 4):
+      ff = lambda p, n, x: feed_forward(p, x, chunk_len=32 // chunks, norm=n)
+      mapped = lambda n, w, x: map_positions(lambda c: project(c, n, w), x, chunks)
+      outs.append((ff(params, norm, x), mapped(norm, w, x),
+                   jax.grad(lambda *a: jnp.sum(jnp.sin(ff(*a))), (0, 1, 2))(params, norm, x),
+                   jax.grad(lambda *a: sum(jnp.sum(jnp.sin(o)) for o in mapped(*a)),
+                            (0, 1, 2))(norm, w, x)))
+    return outs
+
+  whole, chunked = run(params, norm, w, x)
+  np.testing.assert_allclose(whole[0], feed_forward(params, layer_norm(norm, x, x.dtype)),
+                             atol=1e-5)
+  for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)

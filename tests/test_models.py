@@ -142,3 +142,49 @@ def test_unknown_config_fields_and_long_inputs_are_rejected():
   model, params = _lm(BASE)
   with pytest.raises(ValueError, match='length 40 is not a multiple of chunk_len 16'):
     model.apply({'params': params}, jnp.zeros((1, 40), jnp.int32), rng=jax.random.PRNGKey(0))
+
+
+def test_memory_bounded_paths_equal_the_default(monkeypatch):
+  """Long-sequence paths forced at a small size: the stack as a scan over layers, per-token
+  layers in chunks of positions, LSH layers by groups of heads and query-chunk steps, the loss
+  in chunks: the default's loss and gradients."""
+  from reformer_jax import layers, models, train
+  from reformer_jax.attention import lsh
+  cfg = ModelConfig(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=64,
+                    chunk_len=8, n_hashes=2, ff_chunk_len=16)
+  model = ReformerLM(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 64), 1, 32)
+  mask = jnp.arange(64)[None, :] < jnp.array([[64], [50]])
+  weights = mask.astype(jnp.float32)
+  params = model.init(jax.random.PRNGKey(1), tokens, rng=jax.random.PRNGKey(2))['params']
+
+  def loss_and_grads():
+    def loss(p):
+      features = model.apply({'params': p}, tokens, mask=mask, rng=jax.random.PRNGKey(3),
+                             train=True, method=ReformerLM.features)
+      sums = train.chunked_token_sums(
+          lambda x: model.apply({'params': p}, x, method=ReformerLM.logits), features,
+          jnp.roll(tokens, -1, axis=1), weights)
+      return sums['loss'] / sums['weight']
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  value, grads = loss_and_grads()
+  logits = model.apply({'params': params}, tokens, mask=mask, rng=jax.random.PRNGKey(3),
+                       train=True)
+  sums = train.token_sums(logits, jnp.roll(tokens, -1, axis=1), weights)
+  np.testing.assert_allclose(value, sums['loss'] / sums['weight'], rtol=1e-6)
+
+  monkeypatch.setattr(models, 'SCAN_STREAM_BYTES', 0)               # the stack as a scan
+  monkeypatch.setattr(layers, 'TOKEN_CHUNK_BYTES', 4 * 2 * 16 * 32)  # 4 chunks of 16 positions
+  monkeypatch.setattr(lsh, 'SINGLE_PASS_LOGITS_BYTES', 0)
+  monkeypatch.setattr(lsh, 'HEAD_GROUP_BYTES', 0)                    # one head at a time
+  monkeypatch.setattr(lsh, 'QUERY_GROUP_LOGITS_BYTES', 4 * 2 * 8 * 16)  # steps of one chunk
+  monkeypatch.setattr(train, 'LOSS_LOGITS_BYTES', 0)
+  monkeypatch.setattr(train, 'LOSS_CHUNK_BYTES', 4 * 2 * 16 * 32)    # 4 chunks
+  assert lsh.attention_groups(2, 64, 4, 8, 2, 8, 16) == (1, 16)
+  assert layers.token_chunks(2, 64, 32) == 4
+  value_b, grads_b = loss_and_grads()
+  np.testing.assert_allclose(value_b, value, rtol=1e-5)
+  # Float32 sums in another order, through the reversible rebuild: rounding-level differences.
+  for a, b in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5 * max(1.0, float(jnp.abs(b).max())))

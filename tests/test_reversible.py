@@ -111,3 +111,32 @@ def test_mismatched_arguments_are_reported():
   fns, params, keys, x, _ = _blocks(CFG, ('full',))
   with pytest.raises(ValueError, match='one of each per function'):
     reversible.reversible_stack(fns, params[:1], x, x, keys=keys)
+
+
+@pytest.mark.parametrize('memory_efficient', [True, False])
+def test_scanned_stack_equals_unrolled(memory_efficient):
+  """`period`: the stack as a scan over groups of blocks gives the unrolled stack's values,
+  replays and gradients."""
+  fns, params, keys, x, _ = _blocks(CFG, ('lsh', 'local', 'lsh', 'local'))
+  cot = jax.random.normal(jax.random.PRNGKey(9), x.shape)
+
+  @jax.jit
+  def run(params, x):
+    out = []
+    for period in (None, 4):
+      def loss(params, x):
+        y1, y2, replays = reversible.reversible_stack(fns, params, x, x * 0.5, keys=keys,
+                                                      memory_efficient=memory_efficient,
+                                                      period=period)
+        return jnp.sum(jnp.tanh(y1) * cot) + jnp.sum(y2 * y2), replays
+      out.append(jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x))
+    return out
+
+  ((value, replays), grads), ((value_s, replays_s), grads_s) = run(params, x)
+  np.testing.assert_allclose(value_s, value, rtol=1e-6)
+  assert len(replays_s) == 8 and replays_s[1] is None and replays_s[2] is None
+  for a, b in zip(jax.tree.leaves(replays_s), jax.tree.leaves(replays)):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(grads_s) == jax.tree.structure(grads)
+  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(b).max())))

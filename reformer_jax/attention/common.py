@@ -88,13 +88,17 @@ def look_around(x: jax.Array, before: int, after: int) -> jax.Array:
 
 
 def neighbour_valid(n_chunks: int, chunks_per_round: int, chunk_len: int, before: int,
-                    after: int) -> jax.Array:
+                    after: int, chunks: jax.Array | None = None) -> jax.Array:
   """`[G, K]` booleans: True where a key slot of `look_around` comes from a real neighbour.
 
   A neighbour is real when it did not wrap around the ends and lies in the same hash round as
   the query's chunk (chunks of another round hold other rounds' copies of the keys).
+
+  Args:
+    chunks: `[G]` ids of the query chunks to give rows for (a slice of the sequence's chunks);
+      None: all `n_chunks` of them.
   """
-  g = jnp.arange(n_chunks)[:, None]
+  g = (jnp.arange(n_chunks) if chunks is None else chunks)[:, None]
   src = g + jnp.arange(-before, after + 1)[None, :]
   ok = (src >= 0) & (src < n_chunks) & (src // chunks_per_round == g // chunks_per_round)
   return jnp.repeat(ok, chunk_len, axis=1)

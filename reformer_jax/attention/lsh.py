@@ -13,6 +13,13 @@ Memory is O(R * L * C) in the forward and backward pass: sorting and unsorting a
 permutation whose gradient is the gather by the inverse permutation (`permute`), never a
 scatter or an `[L, L]` matrix.
 
+Long sequences bound the working set further (`attention_groups` picks when): heads go in
+groups, one after another (`n_parallel_heads`, as trax names it), and each group's sorted query
+chunks in steps that gather their own chunks and neighbours (`query_chunk_groups`), both
+rematerialized in the backward pass; only one step's logits then exist at a time, whatever the
+heads and rounds. `lsh_self_attention` also runs the projections by groups of heads, so no
+`[B, L, N, H]` activation of the layer exists whole.
+
 Shapes: `[B, L, N, H]` in and out; see `common.py` for the axis legend.
 """
 
@@ -24,10 +31,58 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reformer_jax.attention import common
 
 Buckets = int | Sequence[int] | None
+
+# Working-set sizes behind the automatic `n_parallel_heads` and `query_chunk_groups` of
+# `lsh_attention` (see `attention_groups`), and the hashing block size of `hash_vectors`.
+SINGLE_PASS_LOGITS_BYTES = 2 ** 30   # one pass over all heads and chunks up to 1 GiB of logits
+HEAD_GROUP_BYTES = 2 ** 28           # beyond: heads per group, by their sorted outputs
+QUERY_GROUP_LOGITS_BYTES = 2 ** 26   # and query chunks per step, by their logits
+HASH_SINGLE_PASS_BYTES = 2 ** 30     # rotated vectors hashed at once up to 1 GiB
+HASH_BLOCK_BYTES = 2 ** 26           # beyond, in blocks of positions of at most this
+# `lsh_self_attention` projects a group of heads a chunk of positions at a time beyond this
+# (float32 `[B, L, D]` input bytes), so the kernels' gradients (sums over positions) are too.
+PROJECTION_CHUNK_BYTES = 2 ** 26
+
+
+def _divisor_at_least(n: int, k: int) -> int:
+  """The smallest divisor of `n` that is at least `k` (`n` itself when `k >= n`)."""
+  return next(d for d in range(max(1, min(k, n)), n + 1) if n % d == 0)
+
+
+def attention_groups(batch: int, length: int, heads: int, head_dim: int, n_hashes: int,
+                     chunk_len: int, window: int,
+                     n_parallel_heads: int | None = None) -> tuple[int, int]:
+  """The automatic `(n_parallel_heads, query_chunk_groups)` of `lsh_attention`.
+
+  While the float32 logits of all heads and rounds, `[B, N, R * L, window]`, take at most
+  `SINGLE_PASS_LOGITS_BYTES`, everything is attended at once: `(heads, 1)`, the fastest. Beyond,
+  heads go in groups whose sorted outputs `[B, n, R * L, H + 1]` take at most `HEAD_GROUP_BYTES`
+  (one head at least), and each group's query chunks in steps whose logits take at most
+  `QUERY_GROUP_LOGITS_BYTES`: the working set is then bounded whatever the length, heads and
+  rounds.
+
+  Args:
+    window: keys each query sees, `(n_chunks_before + 1 + n_chunks_after) * chunk_len`.
+    n_parallel_heads: given heads per group (then only the query chunk groups are chosen).
+  """
+  slots = n_hashes * length
+  head_logits = 4 * batch * slots * window
+  single = heads * head_logits <= SINGLE_PASS_LOGITS_BYTES
+  parallel = n_parallel_heads
+  if parallel is None:
+    head_out = 4 * batch * slots * (head_dim + 1)
+    parallel = heads if single else max(
+        [d for d in range(1, heads + 1) if heads % d == 0 and d * head_out <= HEAD_GROUP_BYTES]
+        or [1])
+  if single and parallel == heads:
+    return heads, 1
+  return parallel, _divisor_at_least(slots // chunk_len,
+                                     -(-parallel * head_logits // QUERY_GROUP_LOGITS_BYTES))
 
 
 def default_n_buckets(length: int, chunk_len: int) -> int | tuple[int, int]:
@@ -67,20 +122,52 @@ def hash_vectors(x: jax.Array, rng: jax.Array, n_hashes: int, n_buckets: Buckets
   Returns:
     `[B, N, R, L]` int32 buckets in `[0, prod(n_buckets))`.
   """
+  return _hash(x, rng, n_hashes, n_buckets, heads_first=True)
+
+
+def _hash(x: jax.Array, rng: jax.Array, n_hashes: int, n_buckets: Buckets, *,
+          heads_first: bool, first_head: jax.Array | int = 0) -> jax.Array:
+  """`hash_vectors` of `[B, N, L, H]` (`heads_first`) or `[B, L, N, H]` vectors.
+
+  The rotated vectors `[B, N, R, L, n_buckets / 2]` of a long sequence would outweigh the
+  attention itself, so beyond `HASH_SINGLE_PASS_BYTES` they are made and reduced to buckets one
+  block of positions (of at most `HASH_BLOCK_BYTES`) at a time, under `lax.map`.
+
+  Args:
+    first_head: index of the first head of `x` among all heads (its rotations are drawn from
+      `fold_in(rng, first_head + n)`), when `x` holds a group of heads.
+  """
   factors = check_n_buckets(n_buckets)
-  heads, head_dim = x.shape[1], x.shape[3]
+  x = jax.lax.stop_gradient(x)
+  length_axis = 2 if heads_first else 1
+  batch, head_dim = x.shape[0], x.shape[3]
+  length, heads = x.shape[length_axis], x.shape[3 - length_axis]
   rot_cols = sum(f // 2 for f in factors)
-  head_keys = jax.vmap(lambda n: jax.random.fold_in(rng, n))(jnp.arange(heads))
+  head_keys = jax.vmap(lambda n: jax.random.fold_in(rng, n))(first_head + jnp.arange(heads))
   rotations = jax.vmap(
       lambda key: jax.random.normal(key, (head_dim, n_hashes, rot_cols), jnp.float32))(head_keys)
-  rotated = jnp.einsum('bnlh,nhrk->bnrlk', x.astype(jnp.float32), rotations)
-  buckets = jnp.zeros(rotated.shape[:-1], jnp.int32)
-  start, stride = 0, 1
-  for f in factors:
-    part = rotated[..., start:start + f // 2]
-    buckets = buckets + stride * jnp.argmax(jnp.concatenate([part, -part], -1), -1).astype(jnp.int32)
-    start, stride = start + f // 2, stride * f
-  return buckets
+  spec = 'bnlh,nhrk->bnrlk' if heads_first else 'blnh,nhrk->bnrlk'
+
+  def hash_block(xb):  # a block of positions -> [B, N, R, l]
+    rotated = jnp.einsum(spec, xb.astype(jnp.float32), rotations)
+    buckets = jnp.zeros(rotated.shape[:-1], jnp.int32)
+    start, stride = 0, 1
+    for f in factors:
+      part = rotated[..., start:start + f // 2]
+      buckets = buckets + stride * jnp.argmax(jnp.concatenate([part, -part], -1), -1).astype(
+          jnp.int32)
+      start, stride = start + f // 2, stride * f
+    return buckets
+
+  rotated_bytes = 4 * batch * heads * n_hashes * length * rot_cols
+  if rotated_bytes <= HASH_SINGLE_PASS_BYTES:
+    return hash_block(x)
+  blocks = _divisor_at_least(length, -(-rotated_bytes // HASH_BLOCK_BYTES))
+  size = length // blocks
+  out = jax.lax.map(
+      lambda i: hash_block(jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=length_axis)),
+      jnp.arange(blocks))  # [blocks, B, N, R, size]
+  return jnp.moveaxis(out, 0, 3).reshape(batch, heads, n_hashes, length)
 
 
 @jax.custom_vjp
@@ -157,7 +244,8 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, rng: jax.Array | None, n_hashe
                   n_buckets: Buckets = None, chunk_len: int = 64, causal: bool = False,
                   mask: jax.Array | None = None, n_chunks_before: int = 1,
                   n_chunks_after: int = 0, buckets: jax.Array | None = None,
-                  return_buckets: bool = False):
+                  return_buckets: bool = False, n_parallel_heads: int | None = None,
+                  query_chunk_groups: int | None = None):
   """LSH self-attention with shared query/keys.
 
   Args:
@@ -173,6 +261,13 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, rng: jax.Array | None, n_hashe
     buckets: `[B, N, R, L]` buckets to reuse instead of hashing (the reversible backward pass
       replays the forward pass's buckets, since rebuilt activations may hash differently).
     return_buckets: also return the `[B, N, R, L]` int32 buckets.
+    n_parallel_heads: heads sorted and attended together (trax's name); the groups of heads
+      run one after another, and the backward pass redoes one group at a time. Must divide N.
+    query_chunk_groups: each group of heads attends its `R * L / C` sorted query chunks in
+      this many steps (a rematerialized `lax.map`), each gathering its chunks and their
+      neighbours' keys; 1 attends all chunks at once. Must divide `R * L / C`.
+      Both None: `attention_groups` picks them, one pass while that is small (the same
+      function either way, up to float rounding; only the memory and speed differ).
   Returns:
     `[B, L, N, H]` in the dtype of `v`, and the buckets if `return_buckets`.
 
@@ -191,21 +286,269 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, rng: jax.Array | None, n_hashe
     n_buckets = default_n_buckets(length, chunk_len)
   factors = check_n_buckets(n_buckets)
   total_buckets = functools.reduce(lambda a, b: a * b, factors)
+  n_chunks = n_hashes * length // chunk_len
+  if n_parallel_heads is not None and (n_parallel_heads < 1 or heads % n_parallel_heads):
+    raise ValueError(f'lsh_attention: n_parallel_heads {n_parallel_heads} does not divide the '
+                     f'{heads} heads; pick a divisor of {heads} (or None for automatic)')
+  parallel, groups = attention_groups(batch, length, heads, head_dim, n_hashes, chunk_len,
+                                      (before + 1 + after) * chunk_len, n_parallel_heads)
+  groups = query_chunk_groups or groups
+  if groups < 1 or n_chunks % groups:
+    raise ValueError(f'lsh_attention: query_chunk_groups {groups} does not divide the '
+                     f'{n_chunks} sorted chunks (n_hashes * length / chunk_len); pick a divisor '
+                     f'(or None for automatic)')
 
-  qk_t = qk.transpose(0, 2, 1, 3)  # [B, N, L, H]
-  v_t = v.transpose(0, 2, 1, 3)
+  # Head-major copies for one pass over all heads; groups of heads read them from qk and v.
+  qk_t, v_t = ((qk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if parallel == heads
+               else (None, None))
   if buckets is None:
     if rng is None:
       raise ValueError('lsh_attention: pass rng= (a PRNG key for the random rotations) or buckets=')
-    buckets = hash_vectors(qk_t, rng, n_hashes, n_buckets)
+    buckets = (_hash(qk, rng, n_hashes, n_buckets, heads_first=False) if qk_t is None
+               else hash_vectors(qk_t, rng, n_hashes, n_buckets))
   elif buckets.shape != (batch, heads, n_hashes, length):
     raise ValueError(f'lsh_attention: buckets must be [B, N, R, L] = '
                      f'{(batch, heads, n_hashes, length)}, got {buckets.shape}')
   buckets = jax.lax.stop_gradient(buckets).astype(jnp.int32)
 
-  # One stable sort over all rounds: bucket ids offset by round, ties kept in position order.
-  # Padding sorts into an extra last bucket of its round, so what padding holds never moves
-  # real tokens between chunks.
+  attend = functools.partial(_attend_heads, total_buckets=total_buckets, chunk_len=chunk_len,
+                             before=before, after=after, causal=causal, groups=groups)
+  if parallel == heads:
+    out = attend(qk_t, v_t, buckets, mask)
+  else:
+    out = _in_head_groups(attend, parallel, qk, v, buckets, mask)
+  return (out, buckets) if return_buckets else out
+
+
+def lsh_self_attention(x: jax.Array, w_qk: jax.Array, w_v: jax.Array, w_out: jax.Array, *,
+                       rng: jax.Array | None, n_hashes: int = 1, n_buckets: Buckets = None,
+                       chunk_len: int = 64, causal: bool = False, mask: jax.Array | None = None,
+                       n_chunks_before: int = 1, n_chunks_after: int = 0,
+                       buckets: jax.Array | None = None, n_parallel_heads: int,
+                       query_chunk_groups: int | None = None):
+  """LSH self-attention with its projections, by groups of heads: `[B, L, D]` -> `[B, L, D]`.
+
+  Computes `lsh_attention(x W_qk, x W_v) W_out` (the same function, up to float rounding), one
+  group of `n_parallel_heads` heads after another: the group's queries/keys and values are
+  projected from `x`, attended, projected back and added to the output. Only one group's
+  `[B, L, n, H]` activations exist at a time, in the forward and in the backward pass (which
+  redoes one group at a time), so none of the `[B, L, N, H]` queries, values, attention outputs
+  or their gradients is ever made whole: besides `x` and the output, the working set is one
+  group's.
+
+  Args:
+    x: `[B, L, D]` (already normalized); the projections run in `x.dtype`.
+    w_qk, w_v: `[D, N, H]` kernels of the shared query/key and value projections.
+    w_out: `[N, H, D]` kernel of the output projection.
+    n_parallel_heads: heads per group (dividing N).
+    Others: as `lsh_attention` (`buckets` replays given buckets; otherwise each group hashes
+      its heads with the rotations `lsh_attention` would draw for them).
+  Returns:
+    `([B, L, D] output, [B, N, R, L] int32 buckets)`.
+  """
+  batch, length, _ = x.shape
+  heads, head_dim = w_qk.shape[1], w_qk.shape[2]
+  chunk_len, before, after = common.resolve_chunking(length, chunk_len, n_chunks_before,
+                                                     n_chunks_after, 'lsh_self_attention')
+  if heads % n_parallel_heads:
+    raise ValueError(f'lsh_self_attention: n_parallel_heads {n_parallel_heads} does not divide '
+                     f'the {heads} heads; pick a divisor of {heads}')
+  if n_buckets is None:
+    n_buckets = default_n_buckets(length, chunk_len)
+  total_buckets = functools.reduce(lambda a, b: a * b, check_n_buckets(n_buckets))
+  _, groups = attention_groups(batch, length, heads, head_dim, n_hashes, chunk_len,
+                               (before + 1 + after) * chunk_len, n_parallel_heads)
+  groups = query_chunk_groups or groups
+  if buckets is None:
+    if rng is None:
+      raise ValueError('lsh_self_attention: pass rng= (a PRNG key for the random rotations) or '
+                       'buckets=')
+    hashing = tuple(n_buckets) if isinstance(n_buckets, (list, tuple)) else n_buckets
+  else:
+    hashing, rng = None, None
+    buckets = jax.lax.stop_gradient(buckets).astype(jnp.int32)
+  attend = functools.partial(_attend_heads, total_buckets=total_buckets, chunk_len=chunk_len,
+                             before=before, after=after, causal=causal, groups=groups)
+  return _projected_head_groups(attend, hashing, n_parallel_heads, n_hashes, x, w_qk, w_v, w_out,
+                                buckets, rng, mask)
+
+
+def _position_chunks(x: jax.Array) -> int:
+  """Chunks of positions for `x [B, L, ...]`: each at most `PROJECTION_CHUNK_BYTES` in float32."""
+  return _divisor_at_least(x.shape[1], -(-4 * x.size // PROJECTION_CHUNK_BYTES))
+
+
+def _over_positions(fn, x: jax.Array) -> jax.Array:
+  """`fn(x)` for a per-position `fn` (not differentiated), a chunk of the length axis of
+  `x [B, L, ...]` at a time under `lax.map`."""
+  batch, length = x.shape[:2]
+  n = _position_chunks(x)
+  if n == 1:
+    return fn(x)
+  out = jax.lax.map(fn, x.reshape(batch, n, length // n, *x.shape[2:]).swapaxes(0, 1))
+  return out.swapaxes(0, 1).reshape(batch, length, *out.shape[3:])
+
+
+def _group_qkv(x: jax.Array, w_qk: jax.Array, w_v: jax.Array) -> jax.Array:
+  """One group's projections, `[B, L, D]` -> `[B, n, L, 2H]` (query/keys, then values)."""
+  w_in = jnp.concatenate([w_qk, w_v], axis=-1).astype(x.dtype)
+  return _over_positions(lambda c: jnp.einsum('bld,dnk->blnk', c, w_in), x).transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _projected_head_groups(attend, hashing, parallel, n_hashes, x, w_qk, w_v, w_out, buckets,
+                           rng, mask):
+  """`lsh_self_attention`'s loop over groups of heads, with its own backward loop (autodiff of
+  the loop would add a full-size zero-padded gradient of each group's slice of the inputs).
+
+  `hashing` is the bucket count to hash with (`buckets` None), or None to replay `buckets`.
+  """
+  return _projected_head_groups_fwd(attend, hashing, parallel, n_hashes, x, w_qk, w_v, w_out,
+                                    buckets, rng, mask)[0]
+
+
+def _projected_head_groups_fwd(attend, hashing, parallel, n_hashes, x, w_qk, w_v, w_out,
+                               buckets, rng, mask):
+  batch, length, width = x.shape
+  heads = w_qk.shape[1]
+
+  head_dim = w_qk.shape[-1]
+
+  def step(g, carry):
+    out, all_buckets = carry
+    qkv = _group_qkv(x, _heads(w_qk, g, parallel, 1), _heads(w_v, g, parallel, 1))
+    qk, v = qkv[..., :head_dim], qkv[..., head_dim:]
+    if hashing is None:
+      group_buckets = _heads(all_buckets, g, parallel, 1)
+    else:
+      group_buckets = _hash(qk, rng, n_hashes, hashing, heads_first=True,
+                            first_head=g * parallel)
+      all_buckets = jax.lax.dynamic_update_slice_in_dim(all_buckets, group_buckets, g * parallel, 1)
+    w_o = _heads(w_out, g, parallel, 0).astype(x.dtype)
+    out = out + _over_positions(lambda c: jnp.einsum('blnh,nhd->bld', c, w_o),
+                                attend(qk, v, group_buckets, mask))
+    return out, all_buckets
+
+  init_buckets = (jnp.zeros((batch, heads, n_hashes, length), jnp.int32) if buckets is None
+                  else buckets)
+  out, buckets = jax.lax.fori_loop(0, heads // parallel, step,
+                                   (jnp.zeros((batch, length, width), x.dtype), init_buckets))
+  return (out, buckets), (x, w_qk, w_v, w_out, buckets, mask)
+
+
+def _projected_head_groups_bwd(attend, hashing, parallel, n_hashes, residuals, cotangents):
+  """One group of heads at a time: redo its projections and attention, pull the output's
+  cotangent back through them, and add the group's share of the input gradient into it a chunk
+  of positions at a time. Written out (not `jax.vjp` of the group): the group's input gradient
+  and the kernel gradients (sums over positions) then never exist as whole `[B, L, D]` arrays."""
+  del hashing, n_hashes
+  x, w_qk, w_v, w_out, buckets, mask = residuals
+  g_out, _ = cotangents  # buckets are integers: no cotangent
+  acc = common.accumulation_dtype(x.dtype)
+  length, head_dim = x.shape[1], w_qk.shape[-1]
+  n_pos = _position_chunks(x)
+  size = length // n_pos
+  positions = lambda a, c: jax.lax.dynamic_slice_in_dim(a, c * size, size, axis=1)
+
+  def group_step(g, grads):
+    d_x, d_qk, d_v, d_out = grads
+    w_in = jnp.concatenate([_heads(w_qk, g, parallel, 1), _heads(w_v, g, parallel, 1)], -1)
+    w_o = _heads(w_out, g, parallel, 0)  # [n, H, D]
+    qkv = _group_qkv(x, _heads(w_qk, g, parallel, 1), _heads(w_v, g, parallel, 1))
+    out, attend_vjp = jax.vjp(lambda qk, v: attend(qk, v, _heads(buckets, g, parallel, 1), mask),
+                              qkv[..., :head_dim], qkv[..., head_dim:])
+    d_att = _over_positions(lambda c: jnp.einsum('bld,nhd->blnh', c, w_o.astype(c.dtype)), g_out)
+    d_qkv = jnp.concatenate(attend_vjp(d_att.astype(out.dtype)), -1).transpose(0, 2, 1, 3)
+
+    def position_step(c, sums):  # [B, l, ...] chunks of positions
+      d_x, d_in, d_o = sums
+      d_c = positions(d_qkv, c)
+      d_x = jax.lax.dynamic_update_slice_in_dim(
+          d_x, positions(d_x, c) + jnp.einsum('blnk,dnk->bld', d_c, w_in.astype(d_c.dtype),
+                                              preferred_element_type=acc).astype(d_x.dtype),
+          c * size, 1)
+      d_in = d_in + jnp.einsum('bld,blnk->dnk', positions(x, c), d_c, preferred_element_type=acc)
+      d_o = d_o + jnp.einsum('blnh,bld->nhd', positions(out, c), positions(g_out, c),
+                             preferred_element_type=acc)
+      return d_x, d_in, d_o
+    d_x, d_in, d_o = jax.lax.fori_loop(0, n_pos, position_step,
+                                       (d_x, jnp.zeros(w_in.shape, acc), jnp.zeros(w_o.shape, acc)))
+    put = lambda total, d, axis: jax.lax.dynamic_update_slice_in_dim(
+        total, d.astype(total.dtype), g * parallel, axis)
+    return (d_x, put(d_qk, d_in[..., :head_dim], 1), put(d_v, d_in[..., head_dim:], 1),
+            put(d_out, d_o, 0))
+
+  zeros = lambda a: jnp.zeros(a.shape, a.dtype)
+  d_x, d_qk, d_v, d_out = jax.lax.fori_loop(0, w_qk.shape[1] // parallel, group_step,
+                                            (zeros(x), zeros(w_qk), zeros(w_v), zeros(w_out)))
+  return d_x, d_qk, d_v, d_out, None, None, None
+
+
+_projected_head_groups.defvjp(_projected_head_groups_fwd, _projected_head_groups_bwd)
+
+
+def _heads(x: jax.Array, group: jax.Array, parallel: int, axis: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, group * parallel, parallel, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _in_head_groups(attend, parallel, qk, v, buckets, mask):
+  """`attend` over groups of `parallel` heads, one group after another.
+
+  Group g reads its heads straight from the `[B, L, N, H]` inputs and writes its output into
+  the `[B, L, N, H]` result, so no head-major copy of the whole inputs, output or gradients is
+  made. The backward pass redoes one group at a time (forward and backward) and writes its
+  gradients into the inputs' gradients in place: only the inputs are kept in between, and one
+  group's working set exists at a time. (Written as a custom VJP: autodiff of the loop would
+  add a zero-padded full-size copy of each group's gradient into the accumulated gradient.)
+
+  Args:
+    attend: `(qk_t [B, n, L, H], v_t [B, n, L, H], buckets [B, n, R, L], mask) -> [B, L, n, H]`.
+  """
+  return _in_head_groups_fwd(attend, parallel, qk, v, buckets, mask)[0]
+
+
+def _in_head_groups_fwd(attend, parallel, qk, v, buckets, mask):
+  def step(g, out):
+    o = attend(_heads(qk, g, parallel, 2).transpose(0, 2, 1, 3),
+               _heads(v, g, parallel, 2).transpose(0, 2, 1, 3), _heads(buckets, g, parallel, 1),
+               mask)
+    return jax.lax.dynamic_update_slice_in_dim(out, o, g * parallel, 2)
+  out = jax.lax.fori_loop(0, qk.shape[2] // parallel, step, jnp.zeros(v.shape, v.dtype))
+  return out, (qk, v, buckets, mask)
+
+
+def _in_head_groups_bwd(attend, parallel, residuals, g_out):
+  qk, v, buckets, mask = residuals
+
+  def step(g, grads):
+    def group(qk_g, v_g):
+      return attend(qk_g.transpose(0, 2, 1, 3), v_g.transpose(0, 2, 1, 3),
+                    _heads(buckets, g, parallel, 1), mask)
+    _, vjp = jax.vjp(group, _heads(qk, g, parallel, 2), _heads(v, g, parallel, 2))
+    return tuple(jax.lax.dynamic_update_slice_in_dim(acc, d, g * parallel, 2)
+                 for acc, d in zip(grads, vjp(_heads(g_out, g, parallel, 2))))
+  d_qk, d_v = jax.lax.fori_loop(0, qk.shape[2] // parallel, step,
+                                (jnp.zeros(qk.shape, qk.dtype), jnp.zeros(v.shape, v.dtype)))
+  return d_qk, d_v, None, None
+
+
+_in_head_groups.defvjp(_in_head_groups_fwd, _in_head_groups_bwd)
+
+
+def _sort_slots(buckets: jax.Array, mask: jax.Array | None, total_buckets: int):
+  """One stable sort over all rounds: bucket ids offset by round, ties kept in position order.
+
+  Padding sorts into an extra last bucket of its round, so what padding holds never moves real
+  tokens between chunks.
+
+  Args:
+    buckets: `[B, N, R, L]` int32.
+  Returns:
+    `(sort_idx, undo_idx, pos)`, each `[B, N, S]` int32: the slot (round-major) each sorted
+    position takes, its inverse permutation, and the original position of each sorted slot.
+  """
+  batch, heads, n_hashes, length = buckets.shape
   slots = n_hashes * length
   sort_buckets = buckets if mask is None else jnp.where(mask[:, None, None, :], buckets,
                                                          total_buckets)
@@ -214,15 +557,49 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, rng: jax.Array | None, n_hashe
   ticker = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), keyed.shape)
   _, sort_idx = jax.lax.sort((keyed, ticker), num_keys=1)
   _, undo_idx = jax.lax.sort((sort_idx, ticker), num_keys=1)
-  pos = sort_idx % length  # [B, N, S] original position of each sorted slot
+  return sort_idx, undo_idx, sort_idx % length
 
+
+def _attend_heads(qk_t, v_t, buckets, mask, *, total_buckets, chunk_len, before, after, causal,
+                  groups):
+  """Sorts, attends within chunks, unsorts and mixes the rounds of some heads.
+
+  Args:
+    qk_t, v_t: `[B, n, L, H]` (head-major) shared query/keys and values.
+    buckets: `[B, n, R, L]` int32.
+  Returns:
+    `[B, L, n, H]` in the dtype of `v_t`.
+  """
+  n_hashes = buckets.shape[2]
+  sort_idx, undo_idx, pos = _sort_slots(buckets, mask, total_buckets)
+  attend = _attend_sorted if groups == 1 else functools.partial(_attend_in_groups, groups=groups)
+  packed = attend(qk_t, v_t, pos, undo_idx, mask=mask, n_hashes=n_hashes, chunk_len=chunk_len,
+                  before=before, after=after, causal=causal)  # [B, n, S, H + 1] sorted order
+
+  # Unsort output and logsumexp together (one gather), then mix rounds by their logsumexp.
+  batch, heads, slots, width = packed.shape
+  packed = permute(packed, undo_idx, sort_idx).reshape(batch, heads, n_hashes, slots // n_hashes,
+                                                       width)
+  out, lse = packed[..., :-1], packed[..., -1]
+  weights = jax.nn.softmax(lse, axis=2)  # [B, n, R, L]
+  return jnp.einsum('bnrlh,bnrl->blnh', out, weights).astype(v_t.dtype)
+
+
+def _attend_sorted(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, before, after, causal):
+  """All chunks at once: gathers every round into sorted order, then attends each chunk.
+
+  Returns:
+    `[B, n, S, H + 1]`: each sorted slot's output and logsumexp.
+  """
+  batch, heads, length, head_dim = qk_t.shape
+  slots = n_hashes * length
   # One gather brings queries/keys and values into sorted order for every round.
   sorted_qkv = gather_rounds(jnp.concatenate([qk_t, v_t.astype(qk_t.dtype)], axis=-1), pos,
                              undo_idx, n_hashes)
-  sqk, sv = sorted_qkv[..., :head_dim], sorted_qkv[..., head_dim:].astype(v.dtype)
+  sqk, sv = sorted_qkv[..., :head_dim], sorted_qkv[..., head_dim:].astype(v_t.dtype)
 
   n_chunks = slots // chunk_len
-  def chunk(x):  # [B, N, S, ...] -> [B, N, G, C, ...]
+  def chunk(x):  # [B, n, S, ...] -> [B, n, G, C, ...]
     return x.reshape(batch, heads, n_chunks, chunk_len, *x.shape[3:])
 
   q_pos = chunk(pos)
@@ -236,11 +613,57 @@ def lsh_attention(qk: jax.Array, v: jax.Array, *, rng: jax.Array | None, n_hashe
       common.look_around(chunk(sv), before, after), q_pos=q_pos,
       k_pos=common.look_around(q_pos, before, after), k_valid=k_valid[..., None, :],
       causal=causal, shared_qk=True, scale=1.0)
+  return jnp.concatenate([out, lse[..., None]], axis=-1).reshape(batch, heads, slots, -1)
 
-  # Unsort output and logsumexp together (one gather), then mix rounds by their logsumexp.
-  packed = jnp.concatenate([out, lse[..., None]], axis=-1).reshape(batch, heads, slots, head_dim + 1)
-  packed = permute(packed, undo_idx, sort_idx).reshape(batch, heads, n_hashes, length, head_dim + 1)
-  out, lse = packed[..., :head_dim], packed[..., head_dim]
-  weights = jax.nn.softmax(lse, axis=2)  # [B, N, R, L]
-  out = jnp.einsum('bnrlh,bnrl->blnh', out, weights).astype(v.dtype)
-  return (out, buckets) if return_buckets else out
+
+def _attend_in_groups(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, before, after,
+                      causal, groups):
+  """The chunks in `groups` steps: the same as `_attend_sorted`, with a bounded working set.
+
+  Step g gathers the query/keys and values of its `G / groups` chunks and their neighbours
+  straight from the unsorted inputs (by the sorted slots' positions) and attends them, under a
+  rematerialized `lax.map`: one step's logits exist at a time, in the forward and the backward
+  pass, and the sorted copies of the inputs never exist whole. Their gradient is scattered
+  back into the inputs step by step.
+
+  Returns:
+    `[B, n, S, H + 1]`: each sorted slot's output and logsumexp.
+  """
+  del undo_idx
+  batch, heads, length, head_dim = qk_t.shape
+  slots = n_hashes * length
+  n_chunks = slots // chunk_len
+  per_step = n_chunks // groups
+  span = before + per_step + after
+  qkv = jnp.concatenate([qk_t, v_t.astype(qk_t.dtype)], axis=-1)  # [B, n, L, H + H_v]
+  # Chunk ids of each step's window: its chunks and their neighbours, wrapping around the ends
+  # like `look_around` (`neighbour_valid` masks what wrapped or lies in another round).
+  window = (np.arange(groups)[:, None] * per_step
+            + np.arange(-before, per_step + after)[None, :]) % n_chunks  # [groups, span]
+  window_pos = pos.reshape(batch, heads, n_chunks, chunk_len)[:, :, window]
+  window_pos = jnp.moveaxis(window_pos, 2, 0)  # [groups, B, n, span, C]
+
+  def around(x):  # [B, n, span, C, ...] -> [B, n, per_step, K, ...], as `look_around`
+    return jnp.concatenate([x[:, :, t:t + per_step] for t in range(before + 1 + after)], axis=3)
+
+  def step(args):
+    g, w_pos = args
+    flat = w_pos.reshape(batch, heads, span * chunk_len)
+    kv = jnp.take_along_axis(qkv, flat[..., None], axis=2).reshape(batch, heads, span,
+                                                                    chunk_len, -1)
+    wqk, wv = kv[..., :head_dim], kv[..., head_dim:].astype(v_t.dtype)
+    k_valid = common.neighbour_valid(n_chunks, length // chunk_len, chunk_len, before, after,
+                                     chunks=g * per_step + jnp.arange(per_step))
+    if mask is not None:
+      smask = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)),
+                                  flat, axis=-1)
+      k_valid = k_valid & around(smask.reshape(w_pos.shape))
+    out, lse = common.masked_attend(
+        wqk[:, :, before:before + per_step], around(common.unit_normalize(wqk)), around(wv),
+        q_pos=w_pos[:, :, before:before + per_step], k_pos=around(w_pos),
+        k_valid=k_valid[..., None, :], causal=causal, shared_qk=True, scale=1.0)
+    return jnp.concatenate([out, lse[..., None]], axis=-1).reshape(batch, heads,
+                                                                    per_step * chunk_len, -1)
+
+  packed = jax.lax.map(jax.checkpoint(step, prevent_cse=False), (jnp.arange(groups), window_pos))
+  return jnp.moveaxis(packed, 0, 2).reshape(batch, heads, slots, -1)
