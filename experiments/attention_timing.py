@@ -52,7 +52,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import shlex
 import sys
 import time
 from typing import Any, Sequence
@@ -120,12 +119,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       'batch 1 for each of --lengths and --hashes, written to <out>_profile.json')
   p.add_argument('--replot', action='store_true',
                  help='measure nothing: redraw the plot and summary of an existing --out file')
-  p.add_argument('--wandb', nargs='?', const='auto', default='disabled',
-                 choices=common.WANDB_CHOICES,
-                 help="log the table and plot to W&B (bare --wandb: 'auto', offline without a key)")
+  common.add_wandb_flag(p)
   args = p.parse_args(argv)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args.command = shlex.join(['python', '-m', 'experiments.attention_timing', *argv])
+  args.command = common.command_line('experiments.attention_timing', argv)
   quick = args.quick
   if args.attention is None:
     args.attention = [a for a in ATTENTIONS if a != 'cudnn' or jax.default_backend() == 'gpu']

@@ -15,8 +15,10 @@ import os
 import pathlib
 import platform
 import re
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -48,6 +50,18 @@ def parse_size(text: str) -> int:
 def size_list(values: Iterable[str]) -> list[int]:
   """Flattens `['1K', '2K,4K']` into `[1024, 2048, 4096]` (space or comma separated)."""
   return [parse_size(part) for value in values for part in str(value).split(',') if part]
+
+
+def add_wandb_flag(parser, what: str = 'the table and plot') -> None:
+  """`--wandb [MODE]`: log `what` to W&B; off by default, bare `--wandb` means 'auto'."""
+  parser.add_argument('--wandb', nargs='?', const='auto', default='disabled', choices=WANDB_CHOICES,
+                      help=f"log {what} to W&B (bare --wandb: 'auto', offline without a key)")
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+  """The shell command that reruns `python -m <module>` with these arguments (for the JSON)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return shlex.join(['python', '-m', module, *argv])
 
 
 def human(n: int) -> str:

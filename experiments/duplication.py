@@ -54,9 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--workdir', default='workdir/duplication',
                  help='one subdirectory per training attention; reruns resume')
   p.add_argument('--out', default=str(DEFAULT_OUT))
-  p.add_argument('--wandb', nargs='?', const='auto', default='disabled',
-                 choices=common.WANDB_CHOICES,
-                 help="W&B mode of the training runs and the table (bare --wandb: 'auto')")
+  common.add_wandb_flag(p, 'the training runs and the table')
   args = p.parse_args(argv)
   if args.length < 8 or args.length % 2:
     p.error(f'--length must be even and >= 8 (0 w 0 w), got {args.length}')

@@ -50,7 +50,6 @@ import gc
 import json
 import os
 import pathlib
-import shlex
 import subprocess
 import sys
 import time
@@ -114,15 +113,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='a few minutes on a 2-core CPU: depths 2 12 at 1K, lengths 1K 4K 16K, runs '
                       'estimated over 60s compile-only')
   p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
-  p.add_argument('--wandb', nargs='?', const='auto', default='disabled',
-                 choices=common.WANDB_CHOICES,
-                 help="log the table and plot to W&B (bare --wandb: 'auto', offline without a key)")
+  common.add_wandb_flag(p)
   p.add_argument('--replot', action='store_true',
                  help='measure nothing: redraw the plot and tables of an existing --out file')
   p.add_argument('--child', help=argparse.SUPPRESS)  # internal: one configuration, as JSON
   args = p.parse_args(argv)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args.command = shlex.join(['python', '-m', 'experiments.memory', *argv])
+  args.command = common.command_line('experiments.memory', argv)
   quick = args.quick
   args.depths = args.depths or ([2, 12] if quick else [2, 4, 8, 12, 16, 24])
   args.depth_length = args.depth_length or (1024 if quick else 4096)

@@ -57,7 +57,6 @@ import json
 import math
 import os
 import pathlib
-import shlex
 import subprocess
 import sys
 from typing import Any, Sequence
@@ -111,12 +110,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='JSON result file; the bar chart is written next to it with a .png suffix')
   p.add_argument('--replot', action='store_true',
                  help='measure nothing: redraw the chart and table of an existing --out file')
-  p.add_argument('--wandb', nargs='?', const='auto', default='disabled',
-                 choices=common.WANDB_CHOICES,
-                 help="log the table and chart to W&B (bare --wandb: 'auto', offline without key)")
+  common.add_wandb_flag(p, 'the table and chart')
   args = p.parse_args(argv)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args.command = shlex.join(['python', '-m', 'experiments.peers', *argv])
+  args.command = common.command_line('experiments.peers', argv)
   for name in ('layers', 'd_model', 'd_ff', 'heads', 'hashes', 'chunk', 'batch', 'vocab', 'steps',
                'repeats', 'threads'):
     if getattr(args, name) < 1:

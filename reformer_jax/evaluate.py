@@ -204,9 +204,7 @@ def evaluate_translation(args: argparse.Namespace,
   config = checkpointing.load_config_dict(model.workdir)['data']
   if args.data is None:
     args.data = str(data.resolve_data_dir(config['data_dir'] or None) / config['corpus'])
-  path = pathlib.Path(args.data)
-  if not path.exists() and not path.is_absolute():
-    path = data.resolve_data_dir() / path
+  path = _data_path(args.data)
   args.data, args.split = str(path), args.split or 'test'
   pairs = data.load_parallel(path, args.split, config['src_lang'], config['tgt_lang'])
   pairs = pairs[:args.max_pairs] if args.max_pairs else pairs
@@ -250,15 +248,21 @@ TASKS: dict[str, Callable[[argparse.Namespace, inference.DecodeOptions], dict[st
     'dialogue': evaluate_dialogue, 'translation': evaluate_translation}
 
 
+def _data_path(text: str) -> pathlib.Path:
+  """`--data` as given, or, when that relative path does not exist, under the shared data folder."""
+  path = pathlib.Path(text)
+  if not path.exists() and not path.is_absolute():
+    path = data.resolve_data_dir() / path
+  return path
+
+
 def load_data(args: argparse.Namespace, model: inference.DialogueModel) -> list[Dialogue]:
   """The first `--max_dialogues` dialogues of `--data` (default: the run's evaluation corpus)."""
   if args.data is None:
     config = checkpointing.load_config_dict(model.workdir)['data']
     args.data = str(data.resolve_data_dir(config['data_dir'] or None) / config['eval_corpus'])
     args.split = args.split or config['eval_split'] or None
-  path = pathlib.Path(args.data)
-  if not path.exists() and not path.is_absolute():
-    path = data.resolve_data_dir() / path
+  path = _data_path(args.data)
   args.data = str(path)
   dialogues = data.load_dialogues(path, args.split or None)
   return dialogues[:args.max_dialogues] if args.max_dialogues else dialogues

@@ -247,6 +247,12 @@ def make_model(model_cfg: ModelConfig, task: str) -> ReformerLM | ReformerEncode
   return ReformerEncoderDecoder(model_cfg) if task == 'translation' else ReformerLM(model_cfg)
 
 
+def _bucket_balance(variables) -> jax.Array:
+  """The per-layer LSH bucket balance the model sowed into 'diagnostics', flat (empty if none)."""
+  balance = jax.tree.leaves(variables.get('diagnostics', {}))
+  return jnp.concatenate([jnp.ravel(b) for b in balance]) if balance else jnp.zeros((0,))
+
+
 def _forward_translation(model: ReformerEncoderDecoder, params, batch, key, *, train: bool):
   """Teacher-forced sums of an encoder-decoder batch (`src`, target `inputs`, `weights`).
 
@@ -257,8 +263,7 @@ def _forward_translation(model: ReformerEncoderDecoder, params, batch, key, *, t
   logits, variables = model.apply({'params': params}, batch['src'],
                                   decoder_inputs(batch['inputs']), src_mask=src_mask, rng=key,
                                   train=train, mutable=['diagnostics'])
-  balance = jax.tree.leaves(variables.get('diagnostics', {}))
-  balance = jnp.concatenate([jnp.ravel(b) for b in balance]) if balance else jnp.zeros((0,))
+  balance = _bucket_balance(variables)
   return token_sums(logits, batch['inputs'], batch['weights']), balance
 
 
@@ -269,8 +274,7 @@ def _forward(model: ReformerLM, params, batch, key, *, use_mask: bool, train: bo
   features, variables = model.apply({'params': params}, decoder_inputs(batch['inputs']),
                                     mask=mask, rng=key, train=train, mutable=['diagnostics'],
                                     method=ReformerLM.features)
-  balance = jax.tree.leaves(variables.get('diagnostics', {}))
-  balance = jnp.concatenate([jnp.ravel(b) for b in balance]) if balance else jnp.zeros((0,))
+  balance = _bucket_balance(variables)
   logits_fn = lambda x: model.apply({'params': params}, x, method=ReformerLM.logits)
   return chunked_token_sums(logits_fn, features, batch['inputs'], batch['weights']), balance
 

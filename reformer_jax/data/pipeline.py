@@ -153,8 +153,40 @@ def _fit_example(
     return ids[cut:], reply[cut:], True
 
 
+class IndexedRows:
+    """A batch source of ``len(self)`` examples read by ``self.rows(indices)``: the training batch
+    of a step is a seeded permutation's slice; evaluation walks every example once."""
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch(
+        self, step: int, *, seed: int, global_batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
+        """Local rows of the global batch of ``step`` (a seeded permutation per epoch)."""
+        rows = process_rows(global_batch_size, process_index, process_count)
+        return self.rows(batch_indices(seed, step, global_batch_size, len(self))[rows])
+
+    def eval_batches(
+        self, *, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Every row once, in order; the last global batch is padded with all-zero rows."""
+        rows = process_rows(batch_size, process_index, process_count)
+        for start in range(0, len(self), batch_size):
+            indices = np.arange(start, start + batch_size)[rows]
+            real = indices[indices < len(self)]
+            out = self.rows(real)
+            if len(real) < len(indices):
+                pad = len(indices) - len(real)
+                out = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
+            yield out
+
+
 @dataclasses.dataclass(eq=False)
-class DialogueExamples:
+class DialogueExamples(IndexedRows):
     """Tokenized (optionally packed) dialogue rows stored flat; a batch source.
 
     Row ``i`` is ``tokens[offsets[i]:offsets[i+1]]`` (length <= ``length``).
@@ -295,27 +327,6 @@ class DialogueExamples:
                 out["segment_ids"][j, : e - s] = self.segment_ids[s:e]
                 out["positions"][j, : e - s] = self.positions[s:e]
         return out
-
-    def batch(
-        self, step: int, *, seed: int, global_batch_size: int, process_index: int = 0, process_count: int = 1
-    ) -> dict[str, np.ndarray]:
-        """Local rows of the global batch of ``step`` (see module docstring)."""
-        rows = process_rows(global_batch_size, process_index, process_count)
-        return self.rows(batch_indices(seed, step, global_batch_size, len(self))[rows])
-
-    def eval_batches(
-        self, *, batch_size: int, process_index: int = 0, process_count: int = 1
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Every row once, in order; the last global batch is padded with all-zero rows."""
-        rows = process_rows(batch_size, process_index, process_count)
-        for start in range(0, len(self), batch_size):
-            indices = np.arange(start, start + batch_size)[rows]
-            real = indices[indices < len(self)]
-            out = self.rows(real)
-            if len(real) < len(indices):
-                pad = len(indices) - len(real)
-                out = {k: np.concatenate([v, np.zeros((pad, self.length), v.dtype)]) for k, v in out.items()}
-            yield out
 
 
 def _pack_best_fit(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:

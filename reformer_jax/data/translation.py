@@ -21,12 +21,11 @@ import logging
 import lzma
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .pipeline import batch_indices
-from .text import process_rows
+from .pipeline import IndexedRows
 from .tokenizer import EOS_ID, PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -61,10 +60,9 @@ def load_parallel(directory: str | os.PathLike[str], split: str, src_lang: str,
     Raises if the two sides have different line counts (mismatched files would silently pair
     the wrong sentences) or a file is missing.
     """
-    directory = Path(directory)
-    if not any(directory.glob(f"{split_stem(split)}.{src_lang}*")) and (directory / "raw").is_dir():
+    directory, stem = Path(directory), split_stem(split)
+    if not any(directory.glob(f"{stem}.{src_lang}*")) and (directory / "raw").is_dir():
         directory = directory / "raw"
-    stem = split_stem(split)
     src, tgt = _read_lines(directory, stem, src_lang), _read_lines(directory, stem, tgt_lang)
     if len(src) != len(tgt):
         raise ValueError(f"{directory}/{stem}: {len(src)} {src_lang} lines but {len(tgt)} {tgt_lang} "
@@ -84,7 +82,7 @@ def _encode(ids: Sequence[int], length: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class TranslationExamples:
+class TranslationExamples(IndexedRows):
     """Tokenized sentence pairs as padded arrays (``src [N, S]``, ``tgt [N, T]``)."""
 
     src: np.ndarray
@@ -129,22 +127,3 @@ class TranslationExamples:
         """``{'src', 'inputs', 'weights'}`` rows for the given example indices."""
         tgt = self.tgt[indices]
         return {"src": self.src[indices], "inputs": tgt, "weights": (tgt != PAD_ID).astype(np.float32)}
-
-    def batch(self, step: int, *, seed: int, global_batch_size: int, process_index: int = 0,
-              process_count: int = 1) -> dict[str, np.ndarray]:
-        """Local rows of the global batch of ``step`` (a seeded permutation per epoch)."""
-        rows = process_rows(global_batch_size, process_index, process_count)
-        return self.rows(batch_indices(seed, step, global_batch_size, len(self))[rows])
-
-    def eval_batches(self, *, batch_size: int, process_index: int = 0,
-                     process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-        """Every pair once, in order; the last global batch is padded with all-PAD rows (weight 0)."""
-        rows = process_rows(batch_size, process_index, process_count)
-        for start in range(0, len(self), batch_size):
-            indices = np.arange(start, start + batch_size)[rows]
-            real = indices[indices < len(self)]
-            out = self.rows(real)
-            if len(real) < len(indices):
-                pad = len(indices) - len(real)
-                out = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in out.items()}
-            yield out
