@@ -200,9 +200,10 @@ class SelfAttention(nn.Module):
         out = full_attention(q, k, v, causal=self.causal, mask=mask)
       out = jnp.einsum('blnh,nhd->bld', out.astype(dtype), w_out.astype(dtype))
     if lsh:
-      # The reversible stack keeps these for the backward pass: store them in the smallest int.
+      # The reversible stack keeps these for the backward pass: store them in the smallest int
+      # that holds 0 ... total - 1.
       total = math.prod((n_buckets,) if isinstance(n_buckets, int) else n_buckets)
-      buckets = buckets.astype(jnp.int8 if total <= 127 else jnp.int16 if total <= 32767
+      buckets = buckets.astype(jnp.int8 if total <= 128 else jnp.int16 if total <= 32768
                                else jnp.int32)
     return out, buckets
 

@@ -235,7 +235,7 @@ def bucket_balance(buckets: jax.Array, n_buckets: Buckets) -> jax.Array:
     a float32 scalar.
   """
   total = functools.reduce(lambda a, b: a * b, check_n_buckets(n_buckets))
-  flat = buckets.reshape(-1, buckets.shape[-1])
+  flat = buckets.reshape(-1, buckets.shape[-1]).astype(jnp.int32)  # int16 buckets may hold 32767
   counts = jax.vmap(lambda b: jnp.zeros(total, jnp.int32).at[b].add(1))(flat)
   return jnp.mean(jnp.max(counts, axis=-1) * total / buckets.shape[-1]).astype(jnp.float32)
 
