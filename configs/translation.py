@@ -33,6 +33,8 @@ def get_config(arg: str = ''):
   config.data.eval_split = 'val'
   config.data.src_len = 40                 # tokens per source row, EOS included (99.6% fit)
   config.data.seq_len = 40                 # tokens per target row, EOS included
+  config.data.length_buckets = (12, 16, 20, 24, 32, 40)  # batches of similar-length pairs cut
+                                           # to one of these widths (~2x fewer padded tokens)
   config.data.max_train_pairs = 0          # train on the first N pairs; 0: all
   config.data.max_eval_pairs = 0           # evaluate on the first N pairs; 0: all
   config.model.vocab_size = 8000           # shared de/en sentencepiece pieces
@@ -50,7 +52,7 @@ def get_config(arg: str = ''):
   config.model.tie_embeddings = True
   config.model.reversible = arg != 'standard'
   config.batch_size = 64
-  config.num_train_steps = 6_000           # ~13 epochs of 29K pairs
+  config.num_train_steps = 2_000           # ~4.4 epochs of 29K pairs: CPU-sized (6_000 on an accelerator)
   config.learning_rate = 1e-3
   config.warmup_steps = 400
   config.eval_batch_size = 100

@@ -112,6 +112,15 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
       fail(f'data.src_len={d.src_len!r} must be an int in [2, model.max_len={model_cfg.max_len}]')
     if chunked and d.src_len > model_cfg.chunk_len and d.src_len % model_cfg.chunk_len:
       fail(f'data.src_len={d.src_len} is not a multiple of model.chunk_len={model_cfg.chunk_len}')
+    widths = tuple(d.get('length_buckets', ()) or ())
+    if widths and (not all(isinstance(w, int) and 2 <= w <= model_cfg.max_len for w in widths)
+                   or max(widths) < max(d.src_len, d.seq_len)):
+      fail(f'data.length_buckets={widths}: ints in [2, model.max_len={model_cfg.max_len}] whose '
+           f'largest is >= data.src_len and data.seq_len ({d.src_len}, {d.seq_len}); () turns '
+           f'length-grouped batches off')
+    if widths and chunked:
+      fail(f'data.length_buckets={widths} needs full attention (chunked attention needs widths '
+           f'that are multiples of model.chunk_len); set data.length_buckets=()')
   if config.optimizer not in OPTIMIZERS:
     fail(f'optimizer={config.optimizer!r}: use one of {OPTIMIZERS}')
   if config.schedule not in SCHEDULES:
@@ -370,6 +379,8 @@ def make_task_data(config, model_cfg: ModelConfig, workdir: str | os.PathLike[st
     build = functools.partial(data.TranslationExamples.build, tokenizer=tokenizer,
                               src_len=d.src_len, tgt_len=d.seq_len)
     train, evals = build(train_pairs), build(eval_pairs)
+    if d.get('length_buckets'):
+      train = train.with_widths(d.length_buckets)
     return TaskData(train=train, eval=evals, use_mask=False, per_byte=False,
                     info={'tokenizer_pieces': tokenizer.vocab_size,
                           **{f'train_{k}': v for k, v in train.stats.items()},
@@ -520,8 +531,10 @@ class TrainLog:
     self.run_start, self.start_step = self.window_start, start_step
     self.last: dict[str, float] = {}
 
-  def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    """Queues step `step`'s metrics and consumes the previous step's (now likely finished)."""
+  def push(self, step: int, metrics: dict[str, jax.Array], tokens: int | None = None) -> None:
+    """Queues step `step`'s metrics (a batch of `tokens` target positions, default
+    `tokens_per_step`) and consumes the previous step's (now likely finished)."""
+    metrics = {**metrics, 'tokens': self.tokens_per_step if tokens is None else tokens}
     previous, self.pending = self.pending, (step, metrics)
     if previous is not None:
       self._consume(*previous)
@@ -559,7 +572,7 @@ class TrainLog:
            'train/learning_rate': mean('learning_rate'),
            'train/grad_norm': mean('grad_norm'), 'train/param_norm': mean('param_norm'),
            'perf/step_time_s': 1.0 / rate, 'perf/steps_per_s': rate,
-           'perf/tokens_per_s': rate * self.tokens_per_step}
+           'perf/tokens_per_s': rate * mean('tokens')}
     balance = np.mean([v['bucket_balance'] for v in self.window], axis=0)
     out.update({f'lsh/bucket_balance_layer{i}': float(b) for i, b in enumerate(balance)})
     out.update(memory_usage())
@@ -671,8 +684,9 @@ def create_train_state(model: ReformerLM, tx, config, mesh, key):
 
 
 def compile_train_step(model, tx, schedule, config, mesh, abstract_state, state_shardings,
-                       use_mask: bool):
-  """The jitted step (state donated), lowered and compiled once for the global batch shape."""
+                       use_mask: bool, widths: tuple[int, int] | None = None):
+  """The jitted step (state donated), lowered and compiled for the global batch shape: rows of
+  `data.seq_len` tokens (and sources of `data.src_len`), or `widths = (target, source)`."""
   step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                               grad_accum_steps=config.grad_accum_steps, use_mask=use_mask)
   rep = sharding.replicated(mesh)
@@ -680,11 +694,12 @@ def compile_train_step(model, tx, schedule, config, mesh, abstract_state, state_
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=(0,),
                    compiler_options=compiler_options(config))
-  shape = (config.batch_size, config.data.seq_len)
+  tgt_len, src_len = widths or (config.data.seq_len, config.data.get('src_len'))
+  shape = (config.batch_size, tgt_len)
   batch = {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
            'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)}
   if config.data.task == 'translation':
-    batch['src'] = jax.ShapeDtypeStruct((config.batch_size, config.data.src_len), jnp.int32,
+    batch['src'] = jax.ShapeDtypeStruct((config.batch_size, src_len), jnp.int32,
                                         sharding=batch_sh)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
   return jitted.lower(abstract_state, batch, key).compile()
@@ -734,9 +749,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(start, eval_metrics)
       _log_eval(start, eval_metrics)
       return {**eval_metrics, 'step': start, 'preempted': False}
-    compiled = compile_train_step(model, tx, schedule, config, mesh, abstract, shardings,
-                                  task.use_mask)
-    memory = compiled_memory(compiled)
+    compile_step = functools.partial(compile_train_step, model, tx, schedule, config, mesh,
+                                     abstract, shardings, task.use_mask)
+    full_width = (config.data.seq_len, config.data.get('src_len'))
+    compiled = {full_width: compile_step()}  # by (target, source) width; more with length_buckets
+    memory = compiled_memory(compiled[full_width])
     num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     logging.info('%s parameters. Compiled train step, per device: %s', f'{num_params:,}',
                  ', '.join(f'{k[len("memory/compiled_"):-len("_bytes")]} {v / 2**20:.1f} MiB'
@@ -758,11 +775,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with PreemptionWatch() as watch:
       for step, local in zip(range(start + 1, total + 1), batches):
         batch = sharding.global_batch(local, mesh)
+        width = (local['inputs'].shape[1], local['src'].shape[1] if 'src' in local else None)
+        if width not in compiled:  # a length bucket's first batch
+          compiled[width] = compile_step(width)
         profiler.before(step)
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, metrics = compiled(state, batch, train_key)
+          state, metrics = compiled[width](state, batch, train_key)
         profiler.after(step, state)
-        log.push(step, metrics)  # reads back the previous step's metrics
+        log.push(step, metrics, tokens=config.batch_size * width[0])  # reads back the previous step's
         preempted = watch.reached(step)
         last = step == total
         evaluate = last or (config.eval_every_steps and step % config.eval_every_steps == 0)

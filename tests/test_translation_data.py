@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reformer_jax import data
 from reformer_jax.data.dialogues import resolve_data_dir
 from reformer_jax.data.tokenizer import EOS_ID, PAD_ID, ByteTokenizer
 from reformer_jax.data.translation import TranslationExamples, load_parallel, split_stem
@@ -50,6 +51,38 @@ def test_examples_rows_and_batches():
   evals = list(ex.eval_batches(batch_size=2))
   assert len(evals) == 2 and evals[1]['weights'][1].sum() == 0  # padded last batch
   assert ex.references == ['xy', 'b' * 20, 'r']
+
+
+def test_length_grouped_batches_cover_each_pair_once_and_cut_padding():
+  rng = np.random.default_rng(0)
+  pairs = [('s' * int(n), 't' * int(m)) for n, m in rng.integers(1, 30, size=(64, 2))]
+  ex = TranslationExamples.build(pairs, ByteTokenizer(), src_len=32, tgt_len=32)
+  with pytest.raises(ValueError, match='largest'):
+    ex.with_widths((8, 16))
+  grouped = ex.with_widths((8, 16, 24, 32))
+  seen, widths = [], set()
+  for step in range(8):  # one epoch: 8 batches of 8 = 2 groups of 4 batches (group_batches=4)
+    indices = data.length_grouped_indices(3, step, 8, grouped.lengths, group_batches=4)
+    seen += indices.tolist()
+    # Each group's 32 pairs sorted by length: a batch spans a quarter of the group's range.
+    group = data.batch_indices(3, step // 4, 32, 64)
+    assert np.ptp(grouped.lengths[indices]) <= np.ptp(grouped.lengths[group])
+  assert sorted(seen) == list(range(64))
+  for step in range(8):
+    batch = grouped.batch(step, seed=3, global_batch_size=8)
+    width = batch['inputs'].shape[1]
+    widths.add(width)
+    assert batch['src'].shape == (8, width) and width in (8, 16, 24, 32)
+    # Nothing real is cut: every row's EOS is inside the width, and the next width down
+    # would not have held the longest row.
+    assert (batch['inputs'] == EOS_ID).sum() == 8 and (batch['src'] == EOS_ID).sum() == 8
+    assert width == 8 or (batch['weights'].sum(1).max() > width - 8
+                          or ((batch['src'] != PAD_ID).sum(1)).max() > width - 8)
+  assert len(widths) > 1
+  # The same step gives the same batch (resume), and without widths nothing changes.
+  np.testing.assert_array_equal(grouped.batch(5, seed=3, global_batch_size=8)['src'],
+                                grouped.batch(5, seed=3, global_batch_size=8)['src'])
+  assert ex.batch(5, seed=3, global_batch_size=8)['src'].shape == (8, 32)
 
 
 def test_multi30k_splits():

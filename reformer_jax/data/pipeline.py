@@ -96,6 +96,21 @@ def batch_indices(seed: int, step: int, global_batch_size: int, num_examples: in
     return out
 
 
+def length_grouped_indices(seed: int, step: int, global_batch_size: int, lengths: np.ndarray,
+                           group_batches: int = 32) -> np.ndarray:
+    """Example indices ``int64 [global_batch_size]`` of ``step``'s batch, rows of similar length.
+
+    Steps come in groups of ``group_batches``: a group takes the same ``group_batches x B``
+    stream positions :func:`batch_indices` would (every example once per epoch), sorts them by
+    ``lengths`` and hands its batches out in a seeded order, so a batch can be cut to the width
+    of its longest row with little padding ("sortish" batching).
+    """
+    group, slot = divmod(step, group_batches)
+    idx = batch_indices(seed, group, global_batch_size * group_batches, len(lengths))
+    batches = idx[np.argsort(lengths[idx], kind="stable")].reshape(group_batches, global_batch_size)
+    return batches[np.random.default_rng([seed, group, 1]).permutation(group_batches)[slot]]
+
+
 # --------------------------------------------------------------------------- encoding
 
 

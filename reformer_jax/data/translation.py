@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .pipeline import IndexedRows
+from .pipeline import IndexedRows, length_grouped_indices, process_rows
 from .tokenizer import EOS_ID, PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ class TranslationExamples(IndexedRows):
     references: list[str]          # the raw target sentences (for BLEU)
     sources: list[str]             # the raw source sentences
     stats: dict[str, int | float]
+    lengths: np.ndarray | None = None  # int32 [N]: max(source, target) tokens with EOS
+    widths: tuple[int, ...] = ()       # training batches: rows of similar length, cut to a width
 
     @classmethod
     def build(cls, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, src_len: int,
@@ -117,8 +119,32 @@ class TranslationExamples(IndexedRows):
         if cut_src or cut_tgt:
             logger.info("src_len=%d, tgt_len=%d: truncated %d sources and %d targets of %d pairs.",
                         src_len, tgt_len, cut_src, cut_tgt, n)
+        longest = [max(min(len(s) + 1, src_len), min(len(t) + 1, tgt_len))
+                   for s, t in zip(src_ids, tgt_ids)]
         return cls(src=src, tgt=tgt, references=[t for _, t in pairs],
-                   sources=[s for s, _ in pairs], stats=stats)
+                   sources=[s for s, _ in pairs], stats=stats,
+                   lengths=np.asarray(longest, np.int32))
+
+    def with_widths(self, widths: Sequence[int]) -> TranslationExamples:
+        """The same pairs, with training batches of similar-length rows cut to the smallest of
+        ``widths`` that holds their longest row (one compiled step per width; () = off)."""
+        widths = tuple(sorted(int(w) for w in widths))
+        if widths and (widths[0] < 2 or widths[-1] < max(self.src.shape[1], self.tgt.shape[1])):
+            raise ValueError(f"length buckets {widths}: each must be >= 2 and the largest >= the "
+                             f"row lengths (src {self.src.shape[1]}, tgt {self.tgt.shape[1]}).")
+        return dataclasses.replace(self, widths=widths)
+
+    def batch(self, step: int, *, seed: int, global_batch_size: int, process_index: int = 0,
+              process_count: int = 1) -> dict[str, np.ndarray]:
+        """Local rows of ``step``'s global batch: as :class:`IndexedRows` without ``widths``;
+        with them, rows of similar length (:func:`length_grouped_indices`) cut to one width."""
+        if not self.widths:
+            return super().batch(step, seed=seed, global_batch_size=global_batch_size,
+                                 process_index=process_index, process_count=process_count)
+        indices = length_grouped_indices(seed, step, global_batch_size, self.lengths)
+        width = next(w for w in self.widths if w >= self.lengths[indices].max())
+        rows = self.rows(indices[process_rows(global_batch_size, process_index, process_count)])
+        return {k: v[:, :width] for k, v in rows.items()}
 
     def __len__(self) -> int:
         return len(self.src)
