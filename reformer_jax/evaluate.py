@@ -56,7 +56,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from reformer_jax import checkpointing, data, decode, inference, train
+from reformer_jax import checkpointing, data, decode, inference, machine, train
 from reformer_jax.data.dialogues import Dialogue
 from reformer_jax.models import ReformerLM
 
@@ -307,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   options = inference.DecodeOptions.from_args(args)
   result = TASKS[args.task](args, options)
   return {'task': args.task, 'workdir': args.workdir, 'step': result.pop('step'),
+          'machine': machine.machine_info(),
           'data': args.data, 'split': args.split, 'strategy': options.strategy,
           'decode': dataclasses.asdict(options), **result}
 

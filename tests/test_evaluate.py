@@ -43,6 +43,7 @@ def greedy(multiwoz_flags):
 def _check(result, dialogues):
   assert FIELDS <= set(result)
   assert result['task'] == 'dialogue' and result['step'] == CHAT_STEPS
+  assert result['machine']['backend'] == 'cpu' and result['machine']['jax_version']
   assert result['n_dialogues'] == len(dialogues)
   assert result['n_replies'] == sum(s == SYSTEM for d in dialogues for s, _ in d.turns)
   assert result['n_tokens'] > result['n_reply_tokens'] > 0
