@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from reformer_jax.attention import default_n_buckets, full_attention, local_attention, lsh_attention
-from reformer_jax.attention.common import resolve_chunking
+from reformer_jax.attention.common import layer_norm, resolve_chunking
 from reformer_jax.attention.lsh import attention_groups, lsh_self_attention
 from reformer_jax.model_config import ModelConfig
 
@@ -39,23 +39,6 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 def _dropout_key(key, train):
   return jax.random.fold_in(key, DROPOUT) if train and key is not None else None
-
-
-def layer_norm(params: dict, x: jax.Array, dtype, epsilon: float = 1e-6) -> jax.Array:
-  """Layer normalization of the last axis, statistics in float32: what `LayerNorm` computes.
-
-  Args:
-    params: {'scale': [D], 'bias': [D]}.
-    x: `[..., D]`.
-  Returns:
-    `[..., D]` in `dtype`.
-  """
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mean = jnp.mean(xf, axis=-1, keepdims=True)
-  centered = xf - mean
-  var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-  y = centered * jax.lax.rsqrt(var + epsilon) * params['scale'] + params['bias']
-  return y.astype(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -180,9 +163,9 @@ class SelfAttention(nn.Module):
       # Too big for all heads at once: project, attend and project back a group of heads at a
       # time, so no [B, L, N, H] activation (or gradient) is ever made whole.
       out, buckets = lsh_self_attention(
-          map_positions(normalize, x, n_chunks), *kernels, w_out, rng=hash_key,
-          n_hashes=cfg.n_hashes, n_buckets=n_buckets, causal=self.causal, mask=mask,
-          buckets=buckets, n_parallel_heads=parallel, **chunking)
+          x, *kernels, w_out, rng=hash_key, n_hashes=cfg.n_hashes, n_buckets=n_buckets,
+          causal=self.causal, mask=mask, buckets=buckets, n_parallel_heads=parallel, norm=norm,
+          dtype=dtype, **chunking)
     else:
       def project(x):  # [B, l, D] -> ([B, l, N, H] per kernel)
         h = normalize(x)
@@ -245,8 +228,10 @@ class CrossAttentionBlock(nn.Module):
 
 
 def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float = 0.0,
-                 key: jax.Array | None = None, norm: dict | None = None) -> jax.Array:
-  """`dropout(gelu(x W1 + b1)) W2 + b2`, optionally over chunks of the length axis.
+                 key: jax.Array | None = None, norm: dict | None = None,
+                 out_key: jax.Array | None = None,
+                 chunk_index: jax.Array | int | None = None) -> jax.Array:
+  """`dropout(dropout(gelu(x W1 + b1)) W2 + b2)`, optionally over chunks of the length axis.
 
   With `chunk_len` > 0 the chunks run under `lax.map` of a rematerialized function: the
   `[B, chunk_len, F]` hidden activations of one chunk exist at a time, in the forward pass and
@@ -255,44 +240,55 @@ def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float 
   Args:
     params: {'w1': [D, F], 'b1': [F], 'w2': [F, D], 'b2': [D]}.
     x: `[B, L, D]`; L must be a multiple of `chunk_len` when chunking.
-    key: dropout key (chunk i uses `fold_in(key, i)`), or None for no dropout.
+    key: dropout key of the hidden activations (chunk i uses `fold_in(key, i)`), or None for
+      no dropout.
     norm: LayerNorm parameters to normalize `x` with first (chunk by chunk when chunking, so
       the normalized `[B, L, D]` input never exists whole); the result keeps `x`'s dtype.
+    out_key: dropout key of the output (chunk i uses `fold_in(out_key, i)`), or None.
+    chunk_index: `x` is chunk `chunk_index` (of `chunk_len` positions) of a longer sequence:
+      returns that chunk of the longer sequence's result (its dropout masks included), so the
+      result can be computed, or differentiated, one chunk at a time by the caller.
   Returns:
     `[B, L, D]`.
   """
-  def apply(x_chunk, chunk_key):
+  fold = lambda k, i: None if k is None or i is None else jax.random.fold_in(k, i)
+
+  def apply(x_chunk, i):  # i: the chunk's index, None unchunked
     if norm is not None:
       x_chunk = layer_norm(norm, x_chunk, x_chunk.dtype)
     h = jnp.einsum('bld,df->blf', x_chunk, params['w1'].astype(x_chunk.dtype)) + params['b1']
-    h = dropout(jax.nn.gelu(h).astype(x_chunk.dtype), rate, chunk_key)
-    return (jnp.einsum('blf,fd->bld', h, params['w2'].astype(h.dtype)) + params['b2']).astype(
+    h = dropout(jax.nn.gelu(h).astype(x_chunk.dtype), rate,
+                key if i is None else fold(key, i))
+    out = (jnp.einsum('blf,fd->bld', h, params['w2'].astype(h.dtype)) + params['b2']).astype(
         x_chunk.dtype)
+    return dropout(out, rate, out_key if i is None else fold(out_key, i))
 
   batch, length, width = x.shape
+  if chunk_index is not None:
+    return apply(x, chunk_index)
   if not chunk_len or chunk_len >= length:
-    return apply(x, key)
+    return apply(x, None)
   if length % chunk_len:
     raise ValueError(f'feed_forward: length {length} is not a multiple of ff_chunk_len '
                      f'{chunk_len}: pad the input or pick an ff_chunk_len that divides it')
   n = length // chunk_len
   chunks = x.reshape(batch, n, chunk_len, width).swapaxes(0, 1)  # [n, B, chunk_len, D]
-
-  def body(args):
-    x_chunk, i = args
-    return apply(x_chunk, None if key is None else jax.random.fold_in(key, i))
-
-  out = jax.lax.map(jax.checkpoint(body), (chunks, jnp.arange(n)))
+  out = jax.lax.map(jax.checkpoint(lambda args: apply(*args)), (chunks, jnp.arange(n)))
   return out.swapaxes(0, 1).reshape(batch, length, width)
 
 
 class FeedForwardBlock(nn.Module):
-  """Pre-norm feed-forward residual branch, chunked along the length when `cfg.ff_chunk_len`."""
+  """Pre-norm feed-forward residual branch, chunked along the length when `cfg.ff_chunk_len`.
+
+  With `chunk_index`, `x` is that chunk (of `cfg.ff_chunk_len` positions) of a longer sequence
+  and the result is the longer sequence's branch at those positions, dropout masks included:
+  the reversible stack's backward pass goes through the branch a chunk at a time this way.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, *, context=None, mask=None, context_mask=None, key=None, buckets=None,
-               train=False):
+               train=False, chunk_index=None):
     del context, mask, context_mask
     cfg = self.cfg
     init = nn.initializers.lecun_normal()
@@ -307,8 +303,9 @@ class FeedForwardBlock(nn.Module):
     drop_key = _dropout_key(key, train)
     ff_key = None if drop_key is None else jax.random.fold_in(drop_key, 0)
     out = feed_forward(params, x.astype(cfg.compute_dtype), chunk_len=cfg.ff_chunk_len,
-                       rate=cfg.dropout, key=ff_key, norm=norm)
-    return dropout(out, cfg.dropout, drop_key), buckets
+                       rate=cfg.dropout, key=ff_key, norm=norm, out_key=drop_key,
+                       chunk_index=chunk_index)
+    return out, buckets
 
 
 class AxialPositionalEmbedding(nn.Module):

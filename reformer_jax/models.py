@@ -97,10 +97,19 @@ class Stack(nn.Module):
 
 
 def _pure_block(module: nn.Module, train: bool):
-  """Wraps an unbound block as a residual function for `reversible.reversible_stack`."""
+  """Wraps an unbound block as a residual function for `reversible.reversible_stack`.
+
+  A chunked feed-forward block is per-position: it also gets the `chunk_len` and `chunk` that
+  let the stack's backward pass go through it a chunk of positions at a time.
+  """
   def fn(params, x, context, consts, key, replay):
     return module.apply({'params': params}, x, context=context, key=key, buckets=replay,
                         train=train, **(consts or {}))
+  if isinstance(module, FeedForwardBlock) and module.cfg.ff_chunk_len:
+    def chunk(params, x, context, consts, key, index):
+      del context, consts
+      return module.apply({'params': params}, x, key=key, train=train, chunk_index=index)[0]
+    fn.chunk_len, fn.chunk = module.cfg.ff_chunk_len, chunk
   return fn
 
 

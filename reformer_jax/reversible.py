@@ -29,6 +29,14 @@ A residual function has the signature
   key     its PRNG key;
   replay  None in the forward pass, else the `replay_out` the forward pass returned;
   delta   `[B, L, D]` added to the other stream.
+
+A per-position function (the chunked feed-forward) may also carry attributes `chunk_len` and
+`chunk(params, x, context, consts, key, i)`, the latter giving its delta at the positions of
+chunk i (`x`, `chunk_len` positions of the stream), dropout masks included. The stack then
+adds its delta into the other stream, and in the backward pass rebuilds that stream and adds
+the input's cotangent, in place a chunk at a time: neither its `[B, L, D]` output nor its input
+gradient exists whole, and one step holds the four streams (outputs and cotangents) and one
+chunk's activations.
 """
 
 from __future__ import annotations
@@ -46,10 +54,44 @@ def _forward(fns, params, x1, x2, context, consts, keys, replays=None):
   a, b = x1, x2
   out_replays = []
   for i, (f, p, key) in enumerate(zip(fns, params, keys)):
-    delta, replay = f(p, b, context, consts, key, None if replays is None else replays[i])
-    a, b = b, a + delta
+    a, b, replay = _step(f, p, a, b, context, consts, key,
+                         None if replays is None else replays[i])
     out_replays.append(replay)
   return a, b, tuple(out_replays)
+
+
+def _step(f, p, a, b, context, consts, key, replay):
+  """`(a, b) -> (b, a + f(b))` and f's replay data. A per-position function (see
+  `_chunks`) adds its output into `a`'s buffer a chunk of positions at a time, so its
+  `[B, L, D]` output never exists whole."""
+  n = _chunks(f, b.shape[1])
+  if n == 1:
+    delta, replay = f(p, b, context, consts, key, replay)
+    return b, a + delta, replay
+
+  def body(i, a):
+    delta = f.chunk(p, _part(b, i, f.chunk_len), context, consts, key, i)
+    return _put(a, i, f.chunk_len, _part(a, i, f.chunk_len) + delta)
+  return b, jax.lax.fori_loop(0, n, body, a), None
+
+
+def _chunks(f, length: int) -> int:
+  """How many chunks of positions the stack takes a function through: 1 unless it is
+  per-position, with attributes `chunk_len` and `chunk(params, x, context, consts, key, i)`,
+  the latter giving `f(params, x_all, context, consts, key, None)[0]` at the positions of
+  chunk i (`x`, of `chunk_len` positions), dropout masks included."""
+  size = getattr(f, 'chunk_len', 0)
+  return length // size if size and size < length and length % size == 0 else 1
+
+
+def _part(x, i, size):
+  """Chunk i (of `size` positions) of `x [B, L, ...]`."""
+  return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
+
+
+def _put(x, i, size, value):
+  """`x` with chunk i (of `size` positions) replaced by `value`, in place."""
+  return jax.lax.dynamic_update_slice_in_dim(x, value.astype(x.dtype), i * size, axis=1)
 
 
 # Scanned stacks: when the functions repeat with a period (f_i is f_{i + period} with other
@@ -78,8 +120,7 @@ def _forward_scan(fns, period, params, x1, x2, context, consts, keys):
     group_params, group_keys = xs
     replays = []
     for k in range(period):
-      delta, replay = fns[k](group_params[k], b, context, consts, group_keys[k], None)
-      a, b = b, a + delta
+      a, b, replay = _step(fns[k], group_params[k], a, b, context, consts, group_keys[k], None)
       replays.append(replay)
     return (a, b), tuple(replays)
 
@@ -113,12 +154,41 @@ def _backward_step(f, p, key, replay, a, b, ga, gb, context, consts):
   # depend only on the outputs), holding all of them at once: memory would grow with depth.
   a, b, ga, gb = jax.lax.optimization_barrier((a, b, ga, gb))
 
+  if _chunks(f, a.shape[1]) > 1:
+    return _backward_step_in_chunks(f, p, key, a, b, ga, gb, context, consts)
+
   def step(p, x, ctx):
     return f(p, x, ctx, consts, key, replay)[0]
   # Outputs (a, b) = (b_in, a_in + f(b_in)): rebuild the inputs, then pull the cotangents back.
   delta, vjp = jax.vjp(step, p, a, context)
+  # The backward pass of f starts once its forward output is folded into the stream, so XLA
+  # cannot allocate its buffers (input gradient) alongside the forward's.
+  b, gb = jax.lax.optimization_barrier((b - delta, gb))
   gp, gx, gc = vjp(gb)
-  return (b - delta, a, gb, ga + gx), gp, gc
+  return (b, a, gb, ga + gx), gp, gc
+
+
+def _backward_step_in_chunks(f, p, key, a, b, ga, gb, context, consts):
+  """`_backward_step` of a per-position function, a chunk of positions at a time: the rebuilt
+  input and the input's cotangent are written into the buffers of `b` and `ga` in place, so
+  besides the four streams only one chunk's activations exist (no `[B, L, D]` output of `f`,
+  nor its input gradient)."""
+  size = f.chunk_len
+  part = lambda x, i: _part(x, i, size)
+  put = lambda x, i, value: _put(x, i, size, value)
+  add = lambda x, y: jax.tree.map(jnp.add, x, y)
+
+  def body(i, carry):
+    b, ga, gp, gc = carry
+    delta, vjp = jax.vjp(lambda p, x, ctx: f.chunk(p, x, ctx, consts, key, i), p, part(a, i),
+                         context)
+    gp_i, gx, gc_i = vjp(part(gb, i).astype(delta.dtype))
+    return (put(b, i, part(b, i) - delta), put(ga, i, part(ga, i) + gx), add(gp, gp_i),
+            add(gc, gc_i))
+
+  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  b, ga, gp, gc = jax.lax.fori_loop(0, a.shape[1] // size, body, (b, ga, zeros(p), zeros(context)))
+  return (b, a, gb, ga), gp, gc
 
 
 def _reversible_bwd(fns, period, residuals, cotangents):

@@ -1,6 +1,5 @@
 """Attention kernels against full attention, causality, masks, gradients and memory."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -380,37 +379,45 @@ def test_grouped_lsh_backward_memory_does_not_scale_with_heads_and_rounds():
   assert grouped < 2.5, grouped  # what remains grows with the rounds' sorted indices only
 
 
-@pytest.mark.parametrize('replay', [False, True])
-@pytest.mark.parametrize('causal', [False, True])
-def test_lsh_self_attention_by_head_groups_equals_projected_lsh_attention(causal, replay):
+@pytest.mark.parametrize('causal,replay,prenorm', [(False, False, False), (True, False, True),
+                                                    (False, True, True), (True, True, False)])
+def test_lsh_self_attention_by_head_groups_equals_projected_lsh_attention(causal, replay,
+                                                                          prenorm):
+  """prenorm: the input is layer-normalized inside, a chunk of positions at a time."""
+  from reformer_jax.attention.common import layer_norm
   from reformer_jax.attention.lsh import lsh_self_attention
   d, heads, length = 16, 4, 64
   ks = jax.random.split(jax.random.PRNGKey(0), 5)
-  x = jax.random.normal(ks[0], (B, length, d))
+  x = jax.random.normal(ks[0], (B, length, d)) * 2 + 1
   w_qk, w_v = (jax.random.normal(k, (d, heads, H)) / 4 for k in ks[1:3])
   w_out = jax.random.normal(ks[3], (heads, H, d)) / 4
+  norm = ({'scale': jnp.linspace(0.5, 1.5, d), 'bias': jnp.linspace(-1, 1, d)} if prenorm
+          else None)
   cot = jax.random.normal(ks[4], x.shape)
   mask = jnp.arange(length)[None, :] < jnp.array([[length], [length * 3 // 4]])
   kw = dict(rng=jax.random.PRNGKey(5), n_hashes=2, chunk_len=8, causal=causal, mask=mask,
             n_chunks_after=0 if causal else 1)
 
-  def reference(x, w_qk, w_v, w_out):
-    out, buckets = lsh_attention(jnp.einsum('bld,dnh->blnh', x, w_qk),
-                                 jnp.einsum('bld,dnh->blnh', x, w_v), return_buckets=True, **kw)
+  def reference(x, w_qk, w_v, w_out, norm):
+    h = x if norm is None else layer_norm(norm, x, x.dtype)
+    out, buckets = lsh_attention(jnp.einsum('bld,dnh->blnh', h, w_qk),
+                                 jnp.einsum('bld,dnh->blnh', h, w_v), return_buckets=True, **kw)
     return jnp.einsum('blnh,nhd->bld', out, w_out), buckets
 
   @jax.jit
   def run(*args):
     ref_out, ref_buckets = reference(*args)
-    grouped = lambda *a: lsh_self_attention(*a, buckets=ref_buckets if replay else None,
+    grouped = lambda *a: lsh_self_attention(*a[:4], norm=a[4],
+                                            buckets=ref_buckets if replay else None,
                                             n_parallel_heads=1, query_chunk_groups=4, **kw)
     out, buckets = grouped(*args)
-    grads = [jax.grad(lambda *a: jnp.sum(f(*a)[0] * cot), (0, 1, 2, 3))(*args)
+    grads = [jax.grad(lambda *a: jnp.sum(f(*a)[0] * cot), (0, 1, 2, 3, 4))(*args)
              for f in (reference, grouped)]
     return ref_out, ref_buckets, out, buckets, grads
 
-  ref_out, ref_buckets, out, buckets, (ref_grads, grads) = run(x, w_qk, w_v, w_out)
+  ref_out, ref_buckets, out, buckets, (ref_grads, grads) = run(x, w_qk, w_v, w_out, norm)
   np.testing.assert_array_equal(buckets, ref_buckets)  # each group hashes as lsh_attention does
   np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
-  for a, b in zip(grads, ref_grads):
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-5)

@@ -31,6 +31,37 @@ def unit_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def layer_norm(params: dict, x: jax.Array, dtype, epsilon: float = 1e-6) -> jax.Array:
+  """Layer normalization of the last axis, statistics in float32: what `LayerNorm` computes.
+
+  Args:
+    params: {'scale': [D], 'bias': [D]}.
+    x: `[..., D]`.
+  Returns:
+    `[..., D]` in `dtype`.
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  centered = xf - mean
+  var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+  y = centered * jax.lax.rsqrt(var + epsilon) * params['scale'] + params['bias']
+  return y.astype(dtype)
+
+
+def zeros_after(x: jax.Array, shape=None, dtype=None) -> jax.Array:
+  """Zeros of `shape` and `dtype` (default: those of `x`) that XLA computes only once `x` exists.
+
+  For big accumulators (an output or gradient summed over groups or chunks): XLA:CPU's default
+  scheduler places a constant broadcast as early as it can, so a plain `jnp.zeros` buffer would
+  be allocated at the start of its computation and stay live through everything before its
+  loop (the previous layer's work, the whole forward pass). Computed from an element of `x`
+  (finite or not, the result is 0), the buffer is made after `x` is.
+  """
+  s = jax.lax.stop_gradient(x).reshape(-1)[0]
+  zero = jnp.where(jnp.isfinite(s), s * 0, 0).astype(dtype or x.dtype)
+  return jnp.broadcast_to(zero, x.shape if shape is None else shape)
+
+
 def accumulation_dtype(dtype) -> jnp.dtype:
   """float32 for float32 and narrower inputs (bfloat16, float16); float64 stays float64."""
   return jnp.promote_types(dtype, jnp.float32)

@@ -325,26 +325,31 @@ def lsh_self_attention(x: jax.Array, w_qk: jax.Array, w_v: jax.Array, w_out: jax
                        chunk_len: int = 64, causal: bool = False, mask: jax.Array | None = None,
                        n_chunks_before: int = 1, n_chunks_after: int = 0,
                        buckets: jax.Array | None = None, n_parallel_heads: int,
-                       query_chunk_groups: int | None = None):
+                       query_chunk_groups: int | None = None, norm: dict | None = None,
+                       dtype=None):
   """LSH self-attention with its projections, by groups of heads: `[B, L, D]` -> `[B, L, D]`.
 
-  Computes `lsh_attention(x W_qk, x W_v) W_out` (the same function, up to float rounding), one
-  group of `n_parallel_heads` heads after another: the group's queries/keys and values are
-  projected from `x`, attended, projected back and added to the output. Only one group's
-  `[B, L, n, H]` activations exist at a time, in the forward and in the backward pass (which
-  redoes one group at a time), so none of the `[B, L, N, H]` queries, values, attention outputs
-  or their gradients is ever made whole: besides `x` and the output, the working set is one
-  group's.
+  Computes `lsh_attention(h W_qk, h W_v) W_out` of `h = LayerNorm(x)` (or `x` without `norm`;
+  the same function, up to float rounding), one group of `n_parallel_heads` heads after
+  another: the group's queries/keys and values are projected from `h`, attended, projected
+  back and added to the output. Only one group's `[B, L, n, H]` activations exist at a time, in
+  the forward and in the backward pass (which redoes one group at a time), so none of the
+  `[B, L, N, H]` queries, values, attention outputs or their gradients is ever made whole; nor
+  is `h` or its gradient (normalized, and differentiated, a chunk of positions at a time):
+  besides `x` and the output, the working set is one group's.
 
   Args:
-    x: `[B, L, D]` (already normalized); the projections run in `x.dtype`.
+    x: `[B, L, D]`.
     w_qk, w_v: `[D, N, H]` kernels of the shared query/key and value projections.
     w_out: `[N, H, D]` kernel of the output projection.
     n_parallel_heads: heads per group (dividing N).
+    norm: `{'scale', 'bias'}` of a LayerNorm applied to `x` first (statistics in float32),
+      or None.
+    dtype: dtype of `h` and the projections (default `x.dtype`).
     Others: as `lsh_attention` (`buckets` replays given buckets; otherwise each group hashes
       its heads with the rotations `lsh_attention` would draw for them).
   Returns:
-    `([B, L, D] output, [B, N, R, L] int32 buckets)`.
+    `([B, L, D] output in `dtype`, [B, N, R, L] int32 buckets)`.
   """
   batch, length, _ = x.shape
   heads, head_dim = w_qk.shape[1], w_qk.shape[2]
@@ -369,8 +374,9 @@ def lsh_self_attention(x: jax.Array, w_qk: jax.Array, w_v: jax.Array, w_out: jax
     buckets = jax.lax.stop_gradient(buckets).astype(jnp.int32)
   attend = functools.partial(_attend_heads, total_buckets=total_buckets, chunk_len=chunk_len,
                              before=before, after=after, causal=causal, groups=groups)
-  return _projected_head_groups(attend, hashing, n_parallel_heads, n_hashes, x, w_qk, w_v, w_out,
-                                buckets, rng, mask)
+  return _projected_head_groups(attend, hashing, n_parallel_heads, n_hashes,
+                                jnp.dtype(dtype or x.dtype), x, norm, w_qk, w_v, w_out, buckets,
+                                rng, mask)
 
 
 def _position_chunks(x: jax.Array) -> int:
@@ -378,37 +384,60 @@ def _position_chunks(x: jax.Array) -> int:
   return _divisor_at_least(x.shape[1], -(-4 * x.size // PROJECTION_CHUNK_BYTES))
 
 
+def _normalize(norm, x: jax.Array, dtype) -> jax.Array:
+  """`x` (a chunk of positions), layer-normalized with `norm` unless it is None, in `dtype`."""
+  return x.astype(dtype) if norm is None else common.layer_norm(norm, x, dtype)
+
+
 def _over_positions(fn, x: jax.Array) -> jax.Array:
   """`fn(x)` for a per-position `fn` (not differentiated), a chunk of the length axis of
-  `x [B, L, ...]` at a time under `lax.map`."""
-  batch, length = x.shape[:2]
+  `x [B, L, ...]` at a time, written into the result in place (no reshaped copy of `x`)."""
   n = _position_chunks(x)
   if n == 1:
     return fn(x)
-  out = jax.lax.map(fn, x.reshape(batch, n, length // n, *x.shape[2:]).swapaxes(0, 1))
-  return out.swapaxes(0, 1).reshape(batch, length, *out.shape[3:])
+  size = x.shape[1] // n
+  out = jax.eval_shape(fn, jax.ShapeDtypeStruct((x.shape[0], size, *x.shape[2:]), x.dtype))
+  total = common.zeros_after(x, (x.shape[0], x.shape[1], *out.shape[2:]), out.dtype)
+  return _add_over_positions(total, fn, x, add=False)
 
 
-def _group_qkv(x: jax.Array, w_qk: jax.Array, w_v: jax.Array) -> jax.Array:
-  """One group's projections, `[B, L, D]` -> `[B, n, L, 2H]` (query/keys, then values)."""
-  w_in = jnp.concatenate([w_qk, w_v], axis=-1).astype(x.dtype)
-  return _over_positions(lambda c: jnp.einsum('bld,dnk->blnk', c, w_in), x).transpose(0, 2, 1, 3)
+def _add_over_positions(total: jax.Array, fn, x: jax.Array, add: bool = True) -> jax.Array:
+  """`total + fn(x)` (or `fn(x)` into `total`'s buffer, `add=False`) for a per-position `fn`,
+  written into `total [B, L, ...]` in place a chunk of positions of `x [B, L, ...]` at a time
+  (`fn(x)` never exists whole)."""
+  n = _position_chunks(x)
+  size = x.shape[1] // n
+  chunk = lambda a, c: jax.lax.dynamic_slice_in_dim(a, c * size, size, axis=1)
+
+  def step(c, total):
+    value = fn(chunk(x, c)).astype(total.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(total, chunk(total, c) + value if add else value,
+                                               c * size, 1)
+  return jax.lax.fori_loop(0, n, step, total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _projected_head_groups(attend, hashing, parallel, n_hashes, x, w_qk, w_v, w_out, buckets,
-                           rng, mask):
+def _group_qkv(x: jax.Array, norm, dtype, w_qk: jax.Array, w_v: jax.Array) -> jax.Array:
+  """One group's projections of the normalized `x`, `[B, L, D]` -> `[B, n, L, 2H]` (query/keys,
+  then values)."""
+  w_in = jnp.concatenate([w_qk, w_v], axis=-1).astype(dtype)
+  return _over_positions(lambda c: jnp.einsum('bld,dnk->blnk', _normalize(norm, c, dtype), w_in),
+                         x).transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _projected_head_groups(attend, hashing, parallel, n_hashes, dtype, x, norm, w_qk, w_v, w_out,
+                           buckets, rng, mask):
   """`lsh_self_attention`'s loop over groups of heads, with its own backward loop (autodiff of
   the loop would add a full-size zero-padded gradient of each group's slice of the inputs).
 
   `hashing` is the bucket count to hash with (`buckets` None), or None to replay `buckets`.
   """
-  return _projected_head_groups_fwd(attend, hashing, parallel, n_hashes, x, w_qk, w_v, w_out,
-                                    buckets, rng, mask)[0]
+  return _projected_head_groups_fwd(attend, hashing, parallel, n_hashes, dtype, x, norm, w_qk,
+                                    w_v, w_out, buckets, rng, mask)[0]
 
 
-def _projected_head_groups_fwd(attend, hashing, parallel, n_hashes, x, w_qk, w_v, w_out,
-                               buckets, rng, mask):
+def _projected_head_groups_fwd(attend, hashing, parallel, n_hashes, dtype, x, norm, w_qk, w_v,
+                               w_out, buckets, rng, mask):
   batch, length, width = x.shape
   heads = w_qk.shape[1]
 
@@ -416,7 +445,7 @@ def _projected_head_groups_fwd(attend, hashing, parallel, n_hashes, x, w_qk, w_v
 
   def step(g, carry):
     out, all_buckets = carry
-    qkv = _group_qkv(x, _heads(w_qk, g, parallel, 1), _heads(w_v, g, parallel, 1))
+    qkv = _group_qkv(x, norm, dtype, _heads(w_qk, g, parallel, 1), _heads(w_v, g, parallel, 1))
     qk, v = qkv[..., :head_dim], qkv[..., head_dim:]
     if hashing is None:
       group_buckets = _heads(all_buckets, g, parallel, 1)
@@ -424,64 +453,70 @@ def _projected_head_groups_fwd(attend, hashing, parallel, n_hashes, x, w_qk, w_v
       group_buckets = _hash(qk, rng, n_hashes, hashing, heads_first=True,
                             first_head=g * parallel)
       all_buckets = jax.lax.dynamic_update_slice_in_dim(all_buckets, group_buckets, g * parallel, 1)
-    w_o = _heads(w_out, g, parallel, 0).astype(x.dtype)
-    out = out + _over_positions(lambda c: jnp.einsum('blnh,nhd->bld', c, w_o),
-                                attend(qk, v, group_buckets, mask))
+    w_o = _heads(w_out, g, parallel, 0).astype(dtype)
+    out = _add_over_positions(out, lambda c: jnp.einsum('blnh,nhd->bld', c, w_o),
+                              attend(qk, v, group_buckets, mask))
     return out, all_buckets
 
-  init_buckets = (jnp.zeros((batch, heads, n_hashes, length), jnp.int32) if buckets is None
-                  else buckets)
+  init_buckets = (common.zeros_after(x, (batch, heads, n_hashes, length), jnp.int32)
+                  if buckets is None else buckets)
   out, buckets = jax.lax.fori_loop(0, heads // parallel, step,
-                                   (jnp.zeros((batch, length, width), x.dtype), init_buckets))
-  return (out, buckets), (x, w_qk, w_v, w_out, buckets, mask)
+                                   (common.zeros_after(x, (batch, length, width), dtype),
+                                    init_buckets))
+  return (out, buckets), (x, norm, w_qk, w_v, w_out, buckets, mask)
 
 
-def _projected_head_groups_bwd(attend, hashing, parallel, n_hashes, residuals, cotangents):
+def _projected_head_groups_bwd(attend, hashing, parallel, n_hashes, dtype, residuals, cotangents):
   """One group of heads at a time: redo its projections and attention, pull the output's
   cotangent back through them, and add the group's share of the input gradient into it a chunk
-  of positions at a time. Written out (not `jax.vjp` of the group): the group's input gradient
-  and the kernel gradients (sums over positions) then never exist as whole `[B, L, D]` arrays."""
+  of positions at a time (through the LayerNorm, whose backward pass is linear in the
+  cotangent, so the groups' shares add up). Written out (not `jax.vjp` of the group): the
+  group's input gradient and the kernel gradients (sums over positions) then never exist as
+  whole `[B, L, D]` arrays."""
   del hashing, n_hashes
-  x, w_qk, w_v, w_out, buckets, mask = residuals
+  x, norm, w_qk, w_v, w_out, buckets, mask = residuals
   g_out, _ = cotangents  # buckets are integers: no cotangent
-  acc = common.accumulation_dtype(x.dtype)
+  acc = common.accumulation_dtype(dtype)
   length, head_dim = x.shape[1], w_qk.shape[-1]
   n_pos = _position_chunks(x)
   size = length // n_pos
   positions = lambda a, c: jax.lax.dynamic_slice_in_dim(a, c * size, size, axis=1)
 
   def group_step(g, grads):
-    d_x, d_qk, d_v, d_out = grads
+    d_x, d_norm, d_qk, d_v, d_out = grads
     w_in = jnp.concatenate([_heads(w_qk, g, parallel, 1), _heads(w_v, g, parallel, 1)], -1)
     w_o = _heads(w_out, g, parallel, 0)  # [n, H, D]
-    qkv = _group_qkv(x, _heads(w_qk, g, parallel, 1), _heads(w_v, g, parallel, 1))
+    qkv = _group_qkv(x, norm, dtype, _heads(w_qk, g, parallel, 1), _heads(w_v, g, parallel, 1))
     out, attend_vjp = jax.vjp(lambda qk, v: attend(qk, v, _heads(buckets, g, parallel, 1), mask),
                               qkv[..., :head_dim], qkv[..., head_dim:])
     d_att = _over_positions(lambda c: jnp.einsum('bld,nhd->blnh', c, w_o.astype(c.dtype)), g_out)
     d_qkv = jnp.concatenate(attend_vjp(d_att.astype(out.dtype)), -1).transpose(0, 2, 1, 3)
 
     def position_step(c, sums):  # [B, l, ...] chunks of positions
-      d_x, d_in, d_o = sums
+      d_x, d_norm, d_in, d_o = sums
       d_c = positions(d_qkv, c)
-      d_x = jax.lax.dynamic_update_slice_in_dim(
-          d_x, positions(d_x, c) + jnp.einsum('blnk,dnk->bld', d_c, w_in.astype(d_c.dtype),
-                                              preferred_element_type=acc).astype(d_x.dtype),
-          c * size, 1)
-      d_in = d_in + jnp.einsum('bld,blnk->dnk', positions(x, c), d_c, preferred_element_type=acc)
+      h, norm_vjp = jax.vjp(lambda x, norm: _normalize(norm, x, dtype), positions(x, c), norm)
+      d_h = jnp.einsum('blnk,dnk->bld', d_c, w_in.astype(d_c.dtype), preferred_element_type=acc)
+      d_xc, d_nc = norm_vjp(d_h.astype(h.dtype))
+      d_x = jax.lax.dynamic_update_slice_in_dim(d_x, positions(d_x, c) + d_xc, c * size, 1)
+      d_in = d_in + jnp.einsum('bld,blnk->dnk', h, d_c, preferred_element_type=acc)
       d_o = d_o + jnp.einsum('blnh,bld->nhd', positions(out, c), positions(g_out, c),
                              preferred_element_type=acc)
-      return d_x, d_in, d_o
-    d_x, d_in, d_o = jax.lax.fori_loop(0, n_pos, position_step,
-                                       (d_x, jnp.zeros(w_in.shape, acc), jnp.zeros(w_o.shape, acc)))
+      return d_x, jax.tree.map(jnp.add, d_norm, d_nc), d_in, d_o
+    d_x, d_norm, d_in, d_o = jax.lax.fori_loop(
+        0, n_pos, position_step, (d_x, d_norm, jnp.zeros(w_in.shape, acc),
+                                  jnp.zeros(w_o.shape, acc)))
     put = lambda total, d, axis: jax.lax.dynamic_update_slice_in_dim(
         total, d.astype(total.dtype), g * parallel, axis)
-    return (d_x, put(d_qk, d_in[..., :head_dim], 1), put(d_v, d_in[..., head_dim:], 1),
+    return (d_x, d_norm, put(d_qk, d_in[..., :head_dim], 1), put(d_v, d_in[..., head_dim:], 1),
             put(d_out, d_o, 0))
 
-  zeros = lambda a: jnp.zeros(a.shape, a.dtype)
-  d_x, d_qk, d_v, d_out = jax.lax.fori_loop(0, w_qk.shape[1] // parallel, group_step,
-                                            (zeros(x), zeros(w_qk), zeros(w_v), zeros(w_out)))
-  return d_x, d_qk, d_v, d_out, None, None, None
+  zeros = lambda a: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), a)
+  d_x, d_norm, d_qk, d_v, d_out = jax.lax.fori_loop(
+      0, w_qk.shape[1] // parallel, group_step,
+      (common.zeros_after(g_out, x.shape, x.dtype), zeros(norm), zeros(w_qk), zeros(w_v),
+       zeros(w_out)))
+  return d_x, d_norm, d_qk, d_v, d_out, None, None, None
 
 
 _projected_head_groups.defvjp(_projected_head_groups_fwd, _projected_head_groups_bwd)
