@@ -74,7 +74,7 @@ def run_config(args: argparse.Namespace, attention: str):
   config.data.eval_examples = args.eval_examples
   config.model.max_len = args.length
   config.model.chunk_len = args.chunk_len
-  config.model.axial_shape = None
+  config.model.axial_shape = None             # (unused with learned positions)
   config.model.d_model = config.model.d_ff = args.d_model
   config.model.n_heads = args.heads
   config.batch_size = args.batch
