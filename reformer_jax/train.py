@@ -521,9 +521,8 @@ class TrainLog:
   """Reads each step's metrics one step late, checks them, averages them and reports progress."""
 
   def __init__(self, writer: tracking.MetricWriter, *, start_step: int, total_steps: int,
-               every: int, tokens_per_step: int, checkpointer: checkpointing.Checkpointer):
+               every: int, checkpointer: checkpointing.Checkpointer):
     self.writer, self.total, self.every = writer, total_steps, every
-    self.tokens_per_step = tokens_per_step
     self.checkpointer = checkpointer
     self.pending = None
     self.window: list[dict[str, Any]] = []
@@ -531,10 +530,10 @@ class TrainLog:
     self.run_start, self.start_step = self.window_start, start_step
     self.last: dict[str, float] = {}
 
-  def push(self, step: int, metrics: dict[str, jax.Array], tokens: int | None = None) -> None:
-    """Queues step `step`'s metrics (a batch of `tokens` target positions, default
-    `tokens_per_step`) and consumes the previous step's (now likely finished)."""
-    metrics = {**metrics, 'tokens': self.tokens_per_step if tokens is None else tokens}
+  def push(self, step: int, metrics: dict[str, jax.Array], tokens: int) -> None:
+    """Queues step `step`'s metrics (a batch of `tokens` target positions) and consumes the
+    previous step's (now likely finished)."""
+    metrics = {**metrics, 'tokens': tokens}
     previous, self.pending = self.pending, (step, metrics)
     if previous is not None:
       self._consume(*previous)
@@ -763,7 +762,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          **{f'data/{k}': v for k, v in task.info.items()
                             if isinstance(v, (int, float))}})
     log = TrainLog(writer, start_step=start, total_steps=total, every=config.log_every_steps,
-                   tokens_per_step=config.batch_size * config.data.seq_len,
                    checkpointer=checkpointer)
     batches = data.make_batches(task.train, seed=config.data.seed,
                                 global_batch_size=config.batch_size, start_step=start,

@@ -61,12 +61,16 @@ def test_length_grouped_batches_cover_each_pair_once_and_cut_padding():
     ex.with_widths((8, 16))
   grouped = ex.with_widths((8, 16, 24, 32))
   seen, widths = [], set()
-  for step in range(8):  # one epoch: 8 batches of 8 = 2 groups of 4 batches (group_batches=4)
-    indices = data.length_grouped_indices(3, step, 8, grouped.lengths, group_batches=4)
-    seen += indices.tolist()
-    # Each group's 32 pairs sorted by length: a batch spans a quarter of the group's range.
-    group = data.batch_indices(3, step // 4, 32, 64)
-    assert np.ptp(grouped.lengths[indices]) <= np.ptp(grouped.lengths[group])
+  for group in range(2):  # one epoch: 8 batches of 8 = 2 groups of 4 batches (group_batches=4)
+    batches = [data.length_grouped_indices(3, step, 8, grouped.lengths, group_batches=4)
+               for step in range(4 * group, 4 * group + 4)]
+    seen += [i for b in batches for i in b.tolist()]
+    # The group's 32 pairs are the stream's, sorted by length and cut into 4 batches: the
+    # batches' length ranges do not overlap (random batches would each span most of it).
+    members = data.batch_indices(3, group, 32, 64)
+    assert sorted(i for b in batches for i in b.tolist()) == sorted(members.tolist())
+    spans = sorted((grouped.lengths[b].min(), grouped.lengths[b].max()) for b in batches)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
   assert sorted(seen) == list(range(64))
   for step in range(8):
     batch = grouped.batch(step, seed=3, global_batch_size=8)

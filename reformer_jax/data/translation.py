@@ -90,8 +90,8 @@ class TranslationExamples(IndexedRows):
     references: list[str]          # the raw target sentences (for BLEU)
     sources: list[str]             # the raw source sentences
     stats: dict[str, int | float]
-    lengths: np.ndarray | None = None  # int32 [N]: max(source, target) tokens with EOS
     widths: tuple[int, ...] = ()       # training batches: rows of similar length, cut to a width
+    lengths: np.ndarray | None = None  # with widths, int32 [N]: max(source, target) tokens + EOS
 
     @classmethod
     def build(cls, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, src_len: int,
@@ -119,11 +119,8 @@ class TranslationExamples(IndexedRows):
         if cut_src or cut_tgt:
             logger.info("src_len=%d, tgt_len=%d: truncated %d sources and %d targets of %d pairs.",
                         src_len, tgt_len, cut_src, cut_tgt, n)
-        longest = [max(min(len(s) + 1, src_len), min(len(t) + 1, tgt_len))
-                   for s, t in zip(src_ids, tgt_ids)]
         return cls(src=src, tgt=tgt, references=[t for _, t in pairs],
-                   sources=[s for s, _ in pairs], stats=stats,
-                   lengths=np.asarray(longest, np.int32))
+                   sources=[s for s, _ in pairs], stats=stats)
 
     def with_widths(self, widths: Sequence[int]) -> TranslationExamples:
         """The same pairs, with training batches of similar-length rows cut to the smallest of
@@ -132,7 +129,8 @@ class TranslationExamples(IndexedRows):
         if widths and (widths[0] < 2 or widths[-1] < max(self.src.shape[1], self.tgt.shape[1])):
             raise ValueError(f"length buckets {widths}: each must be >= 2 and the largest >= the "
                              f"row lengths (src {self.src.shape[1]}, tgt {self.tgt.shape[1]}).")
-        return dataclasses.replace(self, widths=widths)
+        lengths = np.maximum((self.src != PAD_ID).sum(1), (self.tgt != PAD_ID).sum(1))
+        return dataclasses.replace(self, widths=widths, lengths=lengths.astype(np.int32))
 
     def batch(self, step: int, *, seed: int, global_batch_size: int, process_index: int = 0,
               process_count: int = 1) -> dict[str, np.ndarray]:
