@@ -215,6 +215,11 @@ def prepare(args, length: int, batch: int, regime: str) -> list[tuple[dict, list
       fwd_bwd, point['compile_s'] = _compile(forward_backward(f, variant), spec, spec, spec,
                                              rng_spec, spec)
     except Exception as err:  # pylint: disable=broad-except
+      if common.is_resource_exhausted(err):  # e.g. a GPU compiler's autotuning buffers
+        point['note'] = f'skipped: out of memory while compiling ({str(err).splitlines()[0][:160]})'
+        cases.append((point, []))
+        print(f'skipped {_label(point)}: {point["note"]}', flush=True)
+        continue
       if variant.attention != 'cudnn':
         raise
       # No GPU, or a cuDNN without the fused kernel for this shape: a note, not a crash.
@@ -414,7 +419,7 @@ def tables(result: dict[str, Any]) -> str:
       for label in labels:
         p = at.get(label)
         row[label] = (None if p is None or not p['time_per_token_s'] else
-                      f"{p['time_per_token_s'] * 1e6:.1f}")
+                      f"{p['time_per_token_s'] * 1e6:.3g}")  # 3 digits: GPU values are ~0.05
       rows.append(row)
     out.append(f'{what}: median forward+backward µs per token (- = skipped, see notes)\n\n'
                + common.markdown_table(rows, ['length', 'batch', *labels]))

@@ -55,7 +55,12 @@ import sys
 import time
 from typing import Any, Sequence
 
-from experiments import common
+# The parent (which times a matmul) and each child process share one accelerator: allocate on
+# demand rather than JAX's default 75% up front, so a child gets the whole device and its
+# `peak_bytes_in_use` is its own. Set before JAX starts (experiments.common imports it).
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+from experiments import common  # noqa: E402  pylint: disable=wrong-import-position
 from experiments.rss import RssSampler
 from experiments.rss import proc_status as _proc_status
 from experiments.rss import reset_peak_rss as _reset_peak_rss

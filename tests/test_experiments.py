@@ -125,6 +125,56 @@ def test_timing_survives_out_of_memory_and_reraises_other_errors():
                                 args, lambda: jax.numpy.ones(2))
 
 
+
+def test_a_compile_out_of_memory_is_a_skipped_point(monkeypatch):
+  # A GPU compiler's autotuner can run out of memory while compiling a too-large full attention.
+  args = attention_timing.parse_args(['--lengths', '64', '--attention', 'full', 'local',
+                                      '--regimes', 'batch1', '--out', '/dev/null'])
+  compile_ = attention_timing._compile
+
+  def fake(fn, *shapes):
+    if shapes[0].shape[1] == 64 and fake.calls == 0:
+      fake.calls += 1
+      raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to '
+                                       'allocate 32.02GiB with allocator GPU_0_bfc')
+    return compile_(fn, *shapes)
+  fake.calls = 0
+  monkeypatch.setattr(attention_timing, '_compile', fake)
+  (full, full_fns), (local, local_fns) = attention_timing.prepare(args, 64, 1, 'batch1')
+  assert full['note'].startswith('skipped: out of memory while compiling') and full_fns == []
+  assert local['note'] is None and [name for name, _ in local_fns] == ['fwd_s', 'fwd_bwd_s']
+
+
+def test_training_curves(tmp_path, capsys):
+  from experiments import training_curves  # pylint: disable=import-outside-toplevel
+  runs = {'a': [5.0, 4.0, 4.5], 'b': [6.0, 5.0, 4.8]}
+  for name, values in runs.items():
+    (tmp_path / name).mkdir()
+    lines = [{'step': 0, 'num_params': 10}]
+    for i, v in enumerate(values, 1):
+      lines += [{'step': 100 * i, 'train/loss': 3.0 / i}, {'step': 100 * i, 'eval/perplexity': v}]
+    (tmp_path / name / 'metrics.jsonl').write_text('\n'.join(json.dumps(x) for x in lines) + '\n')
+  evaluation = tmp_path / 'a_test.json'
+  evaluation.write_text(json.dumps({'step': 300, 'bleu': 30.5, 'perplexity': 4.6, 'split': 'test',
+                                    'machine': common.machine_info()}))
+  out = tmp_path / 'curves.json'
+  training_curves.main(['--run', f'a={tmp_path / "a"}', '--run', f'b={tmp_path / "b" / "metrics.jsonl"}',
+                        '--eval', f'a={evaluation}', '--out', str(out)])
+  result = json.loads(out.read_text())
+  a, b = result['runs']['a'], result['runs']['b']
+  assert a['steps'] == [100, 200, 300] and a['eval/perplexity'] == [5.0, 4.0, 4.5]
+  assert (a['best_step'], a['best'], a['final_step']) == (200, 4.0, 300)
+  assert (b['best_step'], b['test']) == (300, None)
+  assert a['test']['bleu'] == 30.5 and result['machine']['backend'] == 'cpu'
+  assert a['train/loss'] == [3.0, 1.5, 1.0]
+  assert _png(out.with_suffix('.png'))
+  assert '| a | 300 |' in capsys.readouterr().out
+  with pytest.raises(SystemExit, match='no --run named'):
+    training_curves.main(['--run', f'a={tmp_path / "a"}', '--eval', f'c={evaluation}',
+                          '--out', str(out)])
+  with pytest.raises(SystemExit, match='no metrics.jsonl'):
+    training_curves.main(['--run', f'a={tmp_path / "missing"}', '--out', str(out)])
+
 def test_memory_contract(tmp_path, monkeypatch):
   # Two layers count as too slow to run: those points keep their compiled analysis and a note.
   monkeypatch.setattr(memory, 'estimated_step_s', lambda p, _: 1e9 if p['n_layers'] == 2 else 0.0)
