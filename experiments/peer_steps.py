@@ -82,6 +82,7 @@ def build_reformer_jax(spec: dict[str, Any]) -> Built:
   import optax
   from reformer_jax.model_config import ModelConfig
   from reformer_jax.models import ReformerLM
+  from reformer_jax.train import backend_options
 
   buckets = spec['buckets']
   cfg = ModelConfig(
@@ -113,7 +114,9 @@ def build_reformer_jax(spec: dict[str, Any]) -> Built:
     return optax.apply_updates(params, updates), opt_state, loss
 
   start = time.perf_counter()
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+  # The trainer's XLA options (reformer_jax.train.backend_options: on CPU, no YNNPACK fusions).
+  compiled = jax.jit(train_step, donate_argnums=(0, 1),
+                     compiler_options=backend_options() or None).lower(
       params, opt_state, tokens, jnp.int32(0)).compile()
   compile_s = time.perf_counter() - start
   state = {'params': params, 'opt_state': opt_state, 'step': 0}

@@ -650,10 +650,36 @@ class PreemptionWatch:
 # --------------------------------------------------------------------------- the loop
 
 
+# XLA's CPU backend hands dots and their elementwise neighbours to YNNPACK as fused subgraphs,
+# and a fused operand must be a full array: every feed-forward bias is first broadcast to
+# `[tokens, d_ff]` in memory. Without these fusions the 6-layer, 4K-token step of
+# experiments/peers.py ran about 5% faster at 14% less peak memory (0.65 vs 0.76 GiB).
+CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+@functools.cache
+def backend_options() -> dict[str, Any]:
+  """XLA options of the training and evaluation steps on this backend: `CPU_OPTIONS` on CPU
+  (unless XLA_FLAGS sets the same flag, or this jaxlib does not know it), none elsewhere."""
+  if jax.default_backend() != 'cpu' or any(
+      name in os.environ.get('XLA_FLAGS', '') for name in CPU_OPTIONS):
+    return {}
+  try:  # an option this XLA build does not have is an error at compile time
+    jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(jnp.zeros(())).compile()
+  except Exception:  # pylint: disable=broad-except
+    logging.info('XLA does not take %s; compiling with its defaults.', CPU_OPTIONS)
+    return {}
+  return dict(CPU_OPTIONS)
+
+
 def compiler_options(config) -> dict[str, Any] | None:
-  """XLA options of every jitted function: `config.fast_compile` lowers the backend optimization
-  level, which roughly halves compile time on CPU at some cost in step time."""
-  return {'xla_backend_optimization_level': 0} if config.fast_compile else None
+  """XLA options of every jitted function: `backend_options()`, and `config.fast_compile`
+  lowers the backend optimization level, which roughly halves compile time on CPU at some cost
+  in step time."""
+  options = dict(backend_options())
+  if config.fast_compile:
+    options['xla_backend_optimization_level'] = 0
+  return options or None
 
 
 def init_params(model: ReformerLM | ReformerEncoderDecoder, seq_len: int, key: jax.Array,

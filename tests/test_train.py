@@ -17,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
 from conftest import persistent_compilation_cache
@@ -259,3 +260,21 @@ def test_text_task_reports_bits_per_character(tmp_path, data_dir):
   result = train.train_and_evaluate(config, str(tmp_path))
   np.testing.assert_allclose(result['eval/bits_per_char'], result['eval/loss'] / math.log(2))
   assert 'eval/perplexity' not in result and 4 < result['eval/bits_per_char'] < 9
+
+
+def test_backend_options_on_cpu(monkeypatch):
+  """On CPU the steps compile without YNNPACK fusions unless XLA_FLAGS already sets the flag;
+  the options compile, and they reach the config's compiler options."""
+  train.backend_options.cache_clear()
+  try:
+    monkeypatch.setenv('XLA_FLAGS', '')
+    assert train.backend_options() == train.CPU_OPTIONS
+    config = ml_collections.ConfigDict({'fast_compile': True})
+    assert train.compiler_options(config) == {**train.CPU_OPTIONS,
+                                              'xla_backend_optimization_level': 0}
+    train.backend_options.cache_clear()
+    monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
+    assert train.backend_options() == {}
+    assert train.compiler_options(ml_collections.ConfigDict({'fast_compile': False})) is None
+  finally:
+    train.backend_options.cache_clear()
