@@ -183,6 +183,7 @@ def _emit(record: dict[str, Any]) -> None:
 def child(point: dict[str, Any]) -> None:
   """Compiles, reports the compiled analysis, then (if asked and it fits) runs one step."""
   import jax  # pylint: disable=import-outside-toplevel
+  from reformer_jax.train import backend_options  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from reformer_jax.models import ReformerLM  # pylint: disable=import-outside-toplevel
 
@@ -197,7 +198,9 @@ def child(point: dict[str, Any]) -> None:
   tokens_shape = jax.ShapeDtypeStruct((batch, length), jnp.int32)
   rng_spec = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   start = time.perf_counter()
-  compiled = jax.jit(train_step_fn(model), donate_argnums=0).lower(
+  # Compiled as the trainer compiles (reformer_jax.train.backend_options).
+  compiled = jax.jit(train_step_fn(model), donate_argnums=0,
+                     compiler_options=backend_options() or None).lower(
       params_shape, tokens_shape, rng_spec).compile()
   mem = common.CompiledMemory.of(compiled)
   cost = compiled.cost_analysis() or {}
