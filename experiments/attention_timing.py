@@ -215,15 +215,14 @@ def prepare(args, length: int, batch: int, regime: str) -> list[tuple[dict, list
       fwd_bwd, point['compile_s'] = _compile(forward_backward(f, variant), spec, spec, spec,
                                              rng_spec, spec)
     except Exception as err:  # pylint: disable=broad-except
+      first_line = (str(err).splitlines() or [type(err).__name__])[0][:160]
       if common.is_resource_exhausted(err):  # e.g. a GPU compiler's autotuning buffers
-        point['note'] = f'skipped: out of memory while compiling ({str(err).splitlines()[0][:160]})'
-        cases.append((point, []))
-        print(f'skipped {_label(point)}: {point["note"]}', flush=True)
-        continue
-      if variant.attention != 'cudnn':
+        point['note'] = f'skipped: out of memory while compiling ({first_line})'
+      elif variant.attention == 'cudnn':
+        # No GPU, or a cuDNN without the fused kernel for this shape: a note, not a crash.
+        point['note'] = f'cuDNN attention unavailable: {first_line}'
+      else:
         raise
-      # No GPU, or a cuDNN without the fused kernel for this shape: a note, not a crash.
-      point['note'] = f'cuDNN attention unavailable: {str(err).splitlines()[0][:160]}'
       cases.append((point, []))
       print(f'skipped {_label(point)}: {point["note"]}', flush=True)
       continue
