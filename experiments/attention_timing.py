@@ -28,13 +28,16 @@ FLOPs of the forward+backward pass follow the issue's count, 12 * R * B * L * N 
 attention, which computes every logit even when causal). `flops_fraction` divides a point's
 best achieved FLOP/s by the best of a `--matmul-size` float32 matmul timed in every round of
 the same run; `flops_fraction_paired` pairs each sample with its own round's matmul (see
-`summarize`).
+`summarize`). The kernel's own six matmuls alone (`chunk_matmuls`: batched `[C, H] x [H, 2C]`
+products at `--tokens` tokens) are timed in every round as well: the fraction of the big
+matmul they reach (`chunk_matmuls_flops_fraction`) bounds what the kernel can reach.
+Kernels and matmuls compile with the trainer's XLA options (`reformer_jax.train.backend_options`).
 
 Writes `--out` (JSON) and a PNG next to it; `--wandb` logs both to W&B; `--replot` redraws the
 PNG of an existing file; `--profile` writes `<out>_profile.json` instead (time by HLO op).
 
     {"machine": {"backend", "device", "jax_version", "cpu", ...}, "config": {...},
-     "matmul_flops_per_s": float, "matmul": {...}, "summary": {...},
+     "matmul_flops_per_s": float, "matmul": {...}, "chunk_matmuls": {...}, "summary": {...},
      "points": [{"regime", "length", "batch", "attention", "n_hashes", "fwd_s", "fwd_bwd_s",
                  "compile_s", "compile_fwd_s", "compiled_bytes", "compiled_fwd_bytes", "flops",
                  "flops_fraction", "flops_fraction_paired", "time_per_token_s", "repeats",
@@ -50,11 +53,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -181,9 +185,40 @@ def flops(variant: Variant, *, batch: int, length: int, heads: int, head_dim: in
   return 12 * (variant.n_hashes or 1) * batch * length * heads * head_dim * keys
 
 
+def compiler_options() -> dict[str, Any] | None:
+  """The trainer's XLA options (`reformer_jax.train.backend_options`: on CPU, no YNNPACK
+  fusions), so each kernel is timed as a training step runs it."""
+  from reformer_jax.train import backend_options  # pylint: disable=import-outside-toplevel
+  return backend_options() or None
+
+
+def chunk_matmuls(*, batch: int, chunk_len: int, head_dim: int):
+  """The six batched matmuls of LSH forward+backward, alone: `(call, flops)`.
+
+  `batch` chunks of `chunk_len` queries against windows of `2 * chunk_len` keys (a chunk and the
+  one before it), `head_dim` wide: the logits `q k^T` and output `p v` of the forward pass and
+  `d_out v^T`, `d_logits k`, `d_logits^T q`, `p^T d_out` of the backward pass, the shapes and
+  FLOPs (`12 * batch * C * 2C * H`) of the kernel's own matmuls. What XLA reaches on these
+  is the ceiling of the kernel's `flops_fraction` on this machine, whatever else it does.
+  """
+  keys = jax.random.split(jax.random.PRNGKey(7), 4)
+  q, d_out = (jax.random.normal(k, (batch, chunk_len, head_dim)) for k in keys[:2])
+  k, v = (jax.random.normal(k, (batch, 2 * chunk_len, head_dim)) for k in keys[2:])
+
+  def matmuls(q, k, v, d_out):
+    dot = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    logits = dot('gqh,gkh->gqk', q, k)
+    out = dot('gqk,gkh->gqh', logits, v)
+    d_logits = dot('gqh,gkh->gqk', d_out, v)
+    return (out, dot('gqk,gkh->gqh', d_logits, k), dot('gqk,gqh->gkh', d_logits, q),
+            dot('gqk,gqh->gkh', logits, d_out))
+  compiled = jax.jit(matmuls, compiler_options=compiler_options()).lower(q, k, v, d_out).compile()
+  return (lambda: compiled(q, k, v, d_out)), 12 * batch * chunk_len * 2 * chunk_len * head_dim
+
+
 def _compile(fn, *shapes):
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*shapes).compile()
+  compiled = jax.jit(fn, compiler_options=compiler_options()).lower(*shapes).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -244,14 +279,15 @@ def _label(p) -> str:
           f"{Variant(p['attention'], p['n_hashes']).label}")
 
 
-def time_cases(cases: list[tuple[dict, list]], args, matmul_call) -> list[float]:
+def time_cases(cases: list[tuple[dict, list]], args,
+               references: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
   """Warms every function up once (excluded), then times them round-robin `--repeats` rounds.
 
-  Every round times the reference matmul once and every function once (a function whose warm-up
-  says its repeats would overrun `--budget-s` sits out the later rounds). Interleaving puts all
-  points under the same background load, and each sample's round is recorded
-  (`fwd_bwd_rounds`) so `summarize` can compare points within a round. Returns the matmul
-  samples (seconds), one per round.
+  Every round times each reference (the matmul, the chunk matmuls) once and every function
+  once (a function whose warm-up says its repeats would overrun `--budget-s` sits out the later
+  rounds). Interleaving puts all points under the same background load, and each sample's
+  round is recorded (`fwd_bwd_rounds`) so `summarize` can compare points within a round.
+  Returns each reference's samples (seconds), one per round.
   """
   budget: dict[tuple[int, str], int] = {}
   live = []
@@ -268,10 +304,12 @@ def time_cases(cases: list[tuple[dict, list]], args, matmul_call) -> list[float]
       point['note'] = common.out_of_memory_note(err)
       continue
     live.append((point, fns))
-  common.block(matmul_call())
-  matmul_samples = []
+  for call in references.values():
+    common.block(call())
+  samples: dict[str, list[float]] = {name: [] for name in references}
   for r in range(args.repeats):
-    matmul_samples.append(common.time_call(matmul_call))
+    for name, call in references.items():
+      samples[name].append(common.time_call(call))
     for point, fns in live:
       for name, fn in fns:
         if r < budget[id(point), name]:
@@ -283,7 +321,7 @@ def time_cases(cases: list[tuple[dict, list]], args, matmul_call) -> list[float]
     point['fwd_bwd_s'] = common.median(point['fwd_bwd_samples_s'])
     point['repeats'] = len(point['fwd_bwd_samples_s'])
     point['time_per_token_s'] = point['fwd_bwd_s'] / (point['batch'] * point['length'])
-  return matmul_samples
+  return samples
 
 
 def _by_round(p: dict[str, Any]) -> dict[int, float]:
@@ -293,7 +331,7 @@ def _by_round(p: dict[str, Any]) -> dict[int, float]:
 
 
 def summarize(points: list[dict[str, Any]], matmul_rates: Sequence[float],
-              hashes: Sequence[int]) -> dict:
+              hashes: Sequence[int], chunk_rates: Sequence[float] | None = None) -> dict:
   """The issue's targets, from the measured points.
 
   On a shared machine the load can change several-fold between rounds (each round's matmul
@@ -304,7 +342,8 @@ def summarize(points: list[dict[str, Any]], matmul_rates: Sequence[float],
   * paired: ratios within one round, median over rounds (`flops_fraction_paired`, speedups and
     per-token ratios): both sides then ran under similar load.
 
-  `matmul_rates`: FLOP/s of each round's matmul.
+  `matmul_rates`: FLOP/s of each round's matmul; `chunk_rates`: of each round's chunk matmuls
+  (`chunk_matmuls`), whose best over the matmul's best is the ceiling of `flops_fraction` here.
   """
   peak = max(matmul_rates)
   for p in points:
@@ -349,6 +388,8 @@ def summarize(points: list[dict[str, Any]], matmul_rates: Sequence[float],
           'per_token_vs_shortest': {common.human(p['length']): x for p, x in zip(pts, relative)
                                     if x is not None},
           'max_over_min_minus_1': common.spread([x for x in relative if x is not None]),
+          # The issue's "within +-30%", read against the shortest length.
+          'within_30pct_of_shortest': all(0.7 <= x <= 1.3 for x in relative if x is not None),
           'max_over_min_minus_1_best': common.spread([best(p) / n for p, n in zip(pts, tokens)]),
           'max_over_min_minus_1_medians': common.spread([p['time_per_token_s'] for p in pts])}
   summary['lsh_time_per_token_spread_fixed_tokens'] = flat  # target: <= 0.3 (within +-30%)
@@ -356,6 +397,16 @@ def summarize(points: list[dict[str, Any]], matmul_rates: Sequence[float],
     fractions = [p[kind] for p in points if p['attention'] == 'lsh' and p[kind]]
     summary[f'lsh_{kind}_range'] = [min(fractions), max(fractions)] if fractions else None
     summary[f'lsh_{kind}_median'] = common.median(fractions)
+  if chunk_rates:
+    # LSH's own matmul shapes alone reach this fraction of the big matmul: the kernel's FLOP/s
+    # fraction cannot exceed it; and how close each point comes to it.
+    summary['chunk_matmuls_flops_per_s'] = common.median(chunk_rates)
+    summary['chunk_matmuls_flops_fraction'] = max(chunk_rates) / peak
+    of_chunks = [p['flops'] / min(_by_round(p).values()) / max(chunk_rates) for p in points
+                 if p['attention'] == 'lsh' and p['flops_fraction']]
+    summary['lsh_flops_fraction_of_chunk_matmuls_median'] = common.median(of_chunks)
+    summary['lsh_flops_fraction_of_chunk_matmuls_range'] = (
+        [min(of_chunks), max(of_chunks)] if of_chunks else None)
   return summary
 
 
@@ -459,7 +510,8 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 def replot(args: argparse.Namespace) -> dict[str, Any]:
   result = json.loads(args.out.read_text(encoding='utf-8'))
   result['summary'] = summarize(result['points'], result['matmul']['samples_flops_per_s'],
-                                result['config']['hashes'])
+                                result['config']['hashes'],
+                                result.get('chunk_matmuls', {}).get('samples_flops_per_s'))
   common.write_json(args.out, result)
   print(tables(result))
   print(f"wrote {plot(result, args.out.with_suffix('.png'))}")
@@ -468,6 +520,7 @@ def replot(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   config = {k: v for k, v in vars(args).items() if k not in ('out', 'wandb')}
+  config['compiler_options'] = compiler_options()
   result: dict[str, Any] = {'machine': common.machine_info(), 'config': config}
   cases, same = [], []  # same: (regime, the case list of the first regime with that config)
   for length in sorted(args.lengths):
@@ -482,8 +535,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   size = args.matmul_size
   a, b = (jax.random.normal(jax.random.PRNGKey(i), (size, size), jnp.float32) for i in (0, 1))
-  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
-  samples = time_cases(cases, args, lambda: matmul(a, b))
+  matmul = jax.jit(jnp.matmul, compiler_options=compiler_options()).lower(a, b).compile()
+  # The chunk matmuls of LSH at --tokens tokens, one hash round, all heads.
+  chunks = args.tokens // args.chunk_len * args.heads
+  chunk_call, chunk_flops = chunk_matmuls(batch=chunks, chunk_len=args.chunk_len,
+                                          head_dim=args.head_dim)
+  samples = time_cases(cases, args, {'matmul': lambda: matmul(a, b), 'chunk_matmuls': chunk_call})
+  chunk_rates = [chunk_flops / t for t in samples['chunk_matmuls']]
+  samples = samples['matmul']
   points = [p for p, _ in cases] + [dict(p, regime=regime) for regime, first in same
                                     for p, _ in first]
   order = {r: i for i, r in enumerate(REGIMES)}
@@ -491,7 +550,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   rates = [2 * size ** 3 / t for t in samples]
   result['matmul_flops_per_s'] = common.median(rates)
   result['matmul'] = {'size': size, 'samples_flops_per_s': rates}
-  result['summary'] = summarize(result['points'], rates, args.hashes)
+  result['chunk_matmuls'] = {'chunks': chunks, 'chunk_len': args.chunk_len,
+                             'head_dim': args.head_dim, 'samples_flops_per_s': chunk_rates}
+  result['summary'] = summarize(result['points'], rates, args.hashes, chunk_rates)
   common.write_json(args.out, result)
   png = plot(result, args.out.with_suffix('.png'))
   print(common.markdown_table(result['points'], TABLE_COLUMNS))

@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 
 from reformer_jax import full_attention, local_attention, lsh_attention
 from reformer_jax.attention import bucket_balance, common, hash_vectors
-from reformer_jax.attention.lsh import default_n_buckets, gather_rounds, permute
+from reformer_jax.attention.lsh import attend_chunks, default_n_buckets, gather_rounds, permute
 
 B, L, N, H = 2, 32, 2, 8
 
@@ -211,6 +211,43 @@ def test_check_grads_custom_vjps():
                 (qk, v), order=1, modes=['rev'])
 
 
+@pytest.mark.parametrize('causal,before,after', [(True, 1, 0), (False, 1, 1), (True, 2, 0)])
+def test_attend_chunks_backward_equals_autodiff_of_masked_attend(causal, before, after):
+  # The written-out backward pass of the chunk core against autodiff of the formulation it
+  # replaces, with padding, wrapped and other-round neighbours masked, and cotangents on both
+  # the outputs and the logsumexps (the rounds are mixed by the latter).
+  batch, heads, n_chunks, chunk, dim = 2, 2, 6, 4, 8
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  sqk = jax.random.normal(keys[0], (batch, heads, n_chunks, chunk, dim))
+  sv = jax.random.normal(keys[1], (batch, heads, n_chunks, chunk, dim))
+  pos = jax.vmap(jax.vmap(lambda k: jax.random.permutation(k, n_chunks * chunk)))(
+      jax.random.split(keys[2], batch * heads).reshape(batch, heads, 2))
+  q_pos = (pos % (n_chunks * chunk // 2)).reshape(batch, heads, n_chunks, chunk)  # 2 rounds
+  k_valid = common.neighbour_valid(n_chunks, n_chunks // 2, chunk, before, after)
+  pad = jax.random.bernoulli(keys[3], 0.8, (batch, heads, n_chunks, chunk))
+  k_valid = k_valid & common.look_around(pad, before, after)
+
+  def reference(a, b):
+    return common.masked_attend(
+        a, common.look_around(common.unit_normalize(a), before, after),
+        common.look_around(b, before, after), q_pos=q_pos,
+        k_pos=common.look_around(q_pos, before, after), k_valid=k_valid[..., None, :],
+        causal=causal, shared_qk=True, scale=1.0)
+
+  def ours(a, b):
+    return attend_chunks(a, b, q_pos, k_valid, before, after, causal)
+
+  d_out = jax.random.normal(keys[4], sv.shape)
+  d_lse = jax.random.normal(keys[0], q_pos.shape)
+  for fn in (reference, ours):
+    (out, lse), vjp = jax.vjp(fn, sqk, sv)
+    grads = vjp((d_out, d_lse))
+    if fn is reference:
+      expected = (out, lse, *grads)
+  for got, want in zip((out, lse, *grads), expected):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
 def test_configuration_errors_name_the_field():
   qk, v, _ = _inputs(length=40)
   with pytest.raises(ValueError, match='length 40 is not a multiple of chunk_len 16.*pad the input to 48'):
@@ -225,6 +262,8 @@ def test_configuration_errors_name_the_field():
     full_attention(qk, None, v, mask=jnp.ones((B, 3), bool))
   assert default_n_buckets(1024, 64) == 32 and default_n_buckets(64, 64) == 2
   assert default_n_buckets(2 ** 20, 64) == (128, 256)
+  # Factorized above chunk_len buckets: 2K tokens in chunks of 64 -> 64, 4K -> 8 x 16.
+  assert default_n_buckets(2048, 64) == 64 and default_n_buckets(4096, 64) == (8, 16)
 
 
 def _compiled_temp_bytes(fn, *args):

@@ -71,6 +71,13 @@ def test_attention_timing_contract(tmp_path):
       assert p['time_per_token_s'] == pytest.approx(p['fwd_bwd_s'] / 512)
   lsh = [p for p in points if p['attention'] == 'lsh']
   assert lsh[0]['fwd_bwd_samples_s'] == lsh[1]['fwd_bwd_samples_s']
+  # The chunk matmuls (LSH's own matmul shapes alone) are timed each round: the ceiling.
+  chunk_rates = on_disk['chunk_matmuls']['samples_flops_per_s']
+  assert len(chunk_rates) == 2 and on_disk['chunk_matmuls']['chunks'] == 512 // 32
+  summary = on_disk['summary']
+  assert summary['chunk_matmuls_flops_fraction'] == pytest.approx(max(chunk_rates) / max(rates))
+  assert summary['lsh_flops_fraction_of_chunk_matmuls_median'] == pytest.approx(
+      lsh[0]['flops'] / min(lsh[0]['fwd_bwd_samples_s']) / max(chunk_rates))
   assert '| 512 | 1 | - |' in attention_timing.tables(on_disk)  # full skipped, lsh measured
 
   out.with_suffix('.png').unlink()  # --replot redraws from the JSON alone
@@ -100,6 +107,7 @@ def test_timing_summary_pairs_samples_by_round():
   assert spread['lengths'] == '1K..4K'
   assert spread['max_over_min_minus_1'] == pytest.approx(0.2)
   assert spread['max_over_min_minus_1_best'] == pytest.approx(0.2)
+  assert spread['within_30pct_of_shortest']  # 1.0 and 1.2 times the 1K time per token
   assert points[1]['flops_fraction'] == pytest.approx(10.0 / 2.0 / 100.0)  # best vs best
   assert points[1]['flops_fraction_paired'] == pytest.approx(0.05)  # both rounds agree
   assert summary['lsh_flops_fraction_range'] == pytest.approx([0.05, 0.1])
@@ -118,11 +126,11 @@ def test_timing_survives_out_of_memory_and_reraises_other_errors():
          'fwd_rounds': [], 'fwd_bwd_rounds': []}
   attention_timing.time_cases(
       [(oom, [('fwd_s', raises('RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes'))])],
-      args, lambda: jax.numpy.ones(2))
+      args, {'matmul': lambda: jax.numpy.ones(2)})
   assert oom['note'].startswith('skipped: out of memory')
   with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL'):
     attention_timing.time_cases([(dict(oom, note=None), [('fwd_s', raises('INTERNAL: bug'))])],
-                                args, lambda: jax.numpy.ones(2))
+                                args, {'matmul': lambda: jax.numpy.ones(2)})
 
 
 
@@ -316,7 +324,8 @@ def _check_peers_json(out, implementations):
   assert MACHINE_FIELDS <= set(on_disk['machine']) and 'torch_version' in on_disk['machine']
   cfg = on_disk['config']
   assert (cfg['layers'], cfg['d_model'], cfg['length'], cfg['chunk']) == (1, 32, 64, 8)
-  assert cfg['axial_shape'] == [8, 8] and cfg['axial_dims'] == [16, 16] and cfg['buckets'] == 16
+  assert cfg['axial_shape'] == [8, 8] and cfg['axial_dims'] == [16, 16]
+  assert cfg['buckets'] == [4, 4]  # 2 * 64 / 8 = 16 buckets > chunk 8: factorized
   assert [p['implementation'] for p in on_disk['points']] == implementations
   assert RATIO_FIELDS <= set(on_disk['ratios'])
   assert _png(out.with_suffix('.png'))

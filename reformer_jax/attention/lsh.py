@@ -90,12 +90,15 @@ def default_n_buckets(length: int, chunk_len: int) -> int | tuple[int, int]:
 
   With this many buckets an average bucket holds half a chunk, so a bucket split by a chunk
   boundary still meets its other half through the look-back. Hashing costs `L * n_buckets / 2`
-  rotated coordinates, which would outgrow the attention itself (`L * 2 * chunk_len` logits)
-  at long lengths, so above `2 * chunk_len` buckets the count is factorized into two near-equal
-  powers of two (as Hugging Face does): the same number of buckets for `~sqrt` the hashing cost.
+  rotated coordinates, which would rival the attention itself (`L * 2 * chunk_len` logits) at
+  long lengths, so above `chunk_len` buckets the count is factorized into two near-equal powers
+  of two (Hugging Face factorizes above `2 * chunk_len`): the same number of buckets for `~sqrt`
+  the hashing cost. (At 4K tokens and chunks of 64, 128 unfactorized buckets made LSH-1 and
+  LSH-2 forward+backward 14-20% slower per token than (8, 16) on the 2-core CPU, a bump in
+  the otherwise flat time-per-token curve.)
   """
   power = max(1, round(math.log2(max(2 * length / max(chunk_len, 1), 2))))
-  if 2 ** power <= 2 * chunk_len:
+  if 2 ** power <= chunk_len:
     return 2 ** power
   return 2 ** (power // 2), 2 ** (power - power // 2)
 
@@ -180,10 +183,18 @@ def permute(x: jax.Array, idx: jax.Array, inverse: jax.Array) -> jax.Array:
   return _gather(x, idx)
 
 
+def take(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+  """`jnp.take_along_axis` for indices known to be in range (sorted slots, positions): no
+  bounds checks, negative-index wrapping or fill-value selects in the gather (or in the loop
+  fusions XLA builds around it)."""
+  return jnp.take_along_axis(x, idx, axis=axis, mode='promise_in_bounds',
+                             wrap_negative_indices=False)
+
+
 def _gather(x, idx):
   if x.ndim == idx.ndim:
-    return jnp.take_along_axis(x, idx, axis=-1)
-  return jnp.take_along_axis(x, idx[..., None], axis=-2)
+    return take(x, idx, axis=-1)
+  return take(x, idx[..., None], axis=-2)
 
 
 def _permute_fwd(x, idx, inverse):
@@ -206,7 +217,7 @@ def gather_rounds(x: jax.Array, pos: jax.Array, inverse: jax.Array, n_hashes: in
   unsorts them. The gradient unsorts by a gather and sums the rounds, instead of the
   scatter-add autodiff would emit (and without tiling `x` R times first).
   """
-  return jnp.take_along_axis(x, pos[..., None], axis=-2)
+  return take(x, pos[..., None], axis=-2)
 
 
 def _gather_rounds_fwd(x, pos, inverse, n_hashes):
@@ -215,7 +226,9 @@ def _gather_rounds_fwd(x, pos, inverse, n_hashes):
 
 def _gather_rounds_bwd(n_hashes, res, g):
   pos, inverse = res
-  g = _gather(g, inverse)  # [B, N, R * L, F] in (round, position) order
+  # Made whole before the gather: fused into it, XLA:CPU recomputed the cotangent's producers
+  # (the look-around and normalization gradients, a transposed read) for every gathered row.
+  g = _gather(jax.lax.optimization_barrier(g), inverse)  # [B, N, R * L, F] in (round, position) order
   g = g.reshape(*g.shape[:2], n_hashes, -1, g.shape[-1]).sum(axis=2)
   return g, None, None
 
@@ -591,7 +604,11 @@ def _sort_slots(buckets: jax.Array, mask: jax.Array | None, total_buckets: int):
   keyed = keyed.reshape(batch, heads, slots)
   ticker = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), keyed.shape)
   _, sort_idx = jax.lax.sort((keyed, ticker), num_keys=1)
-  _, undo_idx = jax.lax.sort((sort_idx, ticker), num_keys=1)
+  # The inverse permutation by a scatter (undo[sort_idx[s]] = s): linear, where a second sort
+  # cost as much as the first.
+  undo_idx = jax.vmap(lambda idx: jnp.zeros_like(idx).at[idx].set(
+      jnp.arange(slots, dtype=idx.dtype), unique_indices=True, mode='promise_in_bounds'))(
+          sort_idx.reshape(-1, slots)).reshape(sort_idx.shape)
   return sort_idx, undo_idx, sort_idx % length
 
 
@@ -628,10 +645,10 @@ def _attend_sorted(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, befor
   """
   batch, heads, length, head_dim = qk_t.shape
   slots = n_hashes * length
-  # One gather brings queries/keys and values into sorted order for every round.
-  sorted_qkv = gather_rounds(jnp.concatenate([qk_t, v_t.astype(qk_t.dtype)], axis=-1), pos,
-                             undo_idx, n_hashes)
-  sqk, sv = sorted_qkv[..., :head_dim], sorted_qkv[..., head_dim:].astype(v_t.dtype)
+  # Queries/keys and values into sorted order for every round (two gathers: one of the two
+  # concatenated would cost a concatenation and two strided slices more).
+  sqk = gather_rounds(qk_t, pos, undo_idx, n_hashes)
+  sv = gather_rounds(v_t, pos, undo_idx, n_hashes)
 
   n_chunks = slots // chunk_len
   def chunk(x):  # [B, n, S, ...] -> [B, n, G, C, ...]
@@ -640,15 +657,98 @@ def _attend_sorted(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, befor
   q_pos = chunk(pos)
   k_valid = common.neighbour_valid(n_chunks, length // chunk_len, chunk_len, before, after)
   if mask is not None:
-    smask = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)),
+    smask = take(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)),
                                 pos, axis=-1)
     k_valid = k_valid & common.look_around(chunk(smask), before, after)
-  out, lse = common.masked_attend(
-      chunk(sqk), common.look_around(chunk(common.unit_normalize(sqk)), before, after),
-      common.look_around(chunk(sv), before, after), q_pos=q_pos,
-      k_pos=common.look_around(q_pos, before, after), k_valid=k_valid[..., None, :],
-      causal=causal, shared_qk=True, scale=1.0)
+  out, lse = attend_chunks(chunk(sqk), chunk(sv), q_pos, k_valid, before, after, causal)
   return jnp.concatenate([out, lse[..., None]], axis=-1).reshape(batch, heads, slots, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def attend_chunks(sqk: jax.Array, sv: jax.Array, q_pos: jax.Array, k_valid: jax.Array,
+                  before: int, after: int, causal: bool) -> tuple[jax.Array, jax.Array]:
+  """Shared-QK attention of each sorted chunk over itself and its neighbours.
+
+  What `common.masked_attend` computes on `look_around` windows with unit-normalized keys, with
+  its backward pass written out: the gradient of each window's keys and values is added back
+  into the chunks it came from (a roll per neighbour), and the probabilities saved in the
+  forward pass give every logit gradient in one elementwise pass. (Autodiff's version left
+  XLA:CPU a chain of pads, selects and a transposed read that it fused into the unsorting
+  gather and recomputed for every gathered row.)
+
+  Args:
+    sqk: `[B, n, G, C, H]` sorted shared query/keys, chunked.
+    sv: `[B, n, G, C, H_v]` sorted values, chunked.
+    q_pos: `[B, n, G, C]` int original positions of the sorted slots.
+    k_valid: booleans broadcastable to `[B, n, G, K]`, `K = (before + 1 + after) * C`: False
+      for window keys from a wrapped or other-round chunk, or padding.
+  Returns:
+    `out [B, n, G, C, H_v]` and `lse [B, n, G, C]` in `accumulation_dtype(sv.dtype)`.
+  """
+  return _attend_chunks_fwd(sqk, sv, q_pos, k_valid, before, after, causal)[0]
+
+
+def _chunk_masks(q_pos, k_valid, before, after, causal):
+  """`(is_self, allowed)`, `[B, n, G, C, K]` booleans: the query's own key, and keys it may see."""
+  qp = q_pos[..., :, None]
+  kp = common.look_around(q_pos, before, after)[..., None, :]
+  allowed = k_valid[..., None, :]
+  if causal:
+    allowed = allowed & (kp <= qp)
+  return qp == kp, allowed
+
+
+def _attend_chunks_fwd(sqk, sv, q_pos, k_valid, before, after, causal):
+  acc = common.accumulation_dtype(sv.dtype)
+  keys = common.look_around(common.unit_normalize(sqk), before, after)
+  logits = jnp.einsum('...qh,...kh->...qk', sqk, keys, preferred_element_type=acc)
+  is_self, allowed = _chunk_masks(q_pos, k_valid, before, after, causal)
+  logits = jnp.where(allowed, jnp.where(is_self, common.SELF_MASK_VALUE, logits),
+                     common.MASK_VALUE)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  probs = jnp.exp(logits - lse[..., None])
+  out = jnp.einsum('...qk,...kh->...qh', probs.astype(sv.dtype),
+                   common.look_around(sv, before, after), preferred_element_type=acc)
+  return (out, lse), (sqk, sv, q_pos, k_valid, probs, out)
+
+
+def _unlook_around(x: jax.Array, before: int, after: int) -> jax.Array:
+  """The transpose of `common.look_around`: `[B, n, G, K, ...]` -> `[B, n, G, C, ...]`, each
+  window slot's value added into the chunk it was read from."""
+  parts = before + 1 + after
+  if parts == 1:
+    return x
+  x = x.reshape(*x.shape[:3], parts, x.shape[3] // parts, *x.shape[4:])
+  return sum(jnp.roll(x[:, :, :, j], j - before, axis=2) for j in range(parts))
+
+
+def _attend_chunks_bwd(before, after, causal, residuals, cotangents):
+  sqk, sv, q_pos, k_valid, probs, out = residuals
+  d_out, d_lse = cotangents
+  acc = probs.dtype
+  x = sqk.astype(acc)
+  inv_norm = jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+  unit = x * inv_norm  # what `common.unit_normalize` computes, in `acc`
+  keys = common.look_around(unit.astype(sqk.dtype), before, after)
+  d_out = d_out.astype(acc)
+  d_probs = jnp.einsum('...qh,...kh->...qk', d_out, common.look_around(sv, before, after),
+                       preferred_element_type=acc)
+  # d logits = p * (dp - sum(dp * p) + d lse), zero where the logit is a mask constant.
+  delta = jnp.sum(d_out * out, axis=-1, keepdims=True) - d_lse.astype(acc)[..., None]
+  is_self, allowed = _chunk_masks(q_pos, k_valid, before, after, causal)
+  d_logits = jnp.where(allowed & ~is_self, probs * (d_probs - delta), 0).astype(sqk.dtype)
+  d_q = jnp.einsum('...qk,...kh->...qh', d_logits, keys, preferred_element_type=acc)
+  d_keys = _unlook_around(jnp.einsum('...qk,...qh->...kh', d_logits, sqk,
+                                     preferred_element_type=acc), before, after)
+  d_v = _unlook_around(jnp.einsum('...qk,...qh->...kh', probs.astype(sv.dtype),
+                                  d_out.astype(sv.dtype), preferred_element_type=acc),
+                       before, after)
+  # Through the unit normalization: d x = (d k - k <k, d k>) / |x|.
+  d_x = inv_norm * (d_keys - unit * jnp.sum(unit * d_keys, axis=-1, keepdims=True))
+  return (d_q + d_x).astype(sqk.dtype), d_v.astype(sv.dtype), None, None
+
+
+attend_chunks.defvjp(_attend_chunks_fwd, _attend_chunks_bwd)
 
 
 def _attend_in_groups(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, before, after,
@@ -684,13 +784,13 @@ def _attend_in_groups(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, be
   def step(args):
     g, w_pos = args
     flat = w_pos.reshape(batch, heads, span * chunk_len)
-    kv = jnp.take_along_axis(qkv, flat[..., None], axis=2).reshape(batch, heads, span,
+    kv = take(qkv, flat[..., None], axis=2).reshape(batch, heads, span,
                                                                     chunk_len, -1)
     wqk, wv = kv[..., :head_dim], kv[..., head_dim:].astype(v_t.dtype)
     k_valid = common.neighbour_valid(n_chunks, length // chunk_len, chunk_len, before, after,
                                      chunks=g * per_step + jnp.arange(per_step))
     if mask is not None:
-      smask = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)),
+      smask = take(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)),
                                   flat, axis=-1)
       k_valid = k_valid & around(smask.reshape(w_pos.shape))
     out, lse = common.masked_attend(
