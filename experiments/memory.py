@@ -361,6 +361,12 @@ def summarize(points: list[dict[str, Any]], args) -> dict[str, Any]:
       for kind in ('compiled_bytes', 'rss_step_bytes'):
         if depth[2].get(kind) and depth[12].get(kind):
           ratios[kind] = depth[12][kind] / depth[2][kind]
+      # Without the float32 parameters and their gradients, which grow with depth whatever
+      # the architecture (at 4K tokens they are most of the Reformer's growth).
+      beyond = [p['compiled_bytes'] - 2 * 4 * p['n_params'] if p.get('compiled_bytes')
+                and p.get('n_params') else None for p in (depth[2], depth[12])]
+      if all(beyond):
+        ratios['compiled_bytes_beyond_parameters'] = beyond[1] / beyond[0]
     summary['depth_ratio_12_vs_2'][variant] = ratios
     if len(depth) >= 2:
       lo, hi = min(depth), max(depth)
@@ -486,7 +492,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     return None
   if args.replot:
     result = json.loads(args.out.read_text(encoding='utf-8'))
+    result['summary'] = summarize(result['points'], argparse.Namespace(**result['config']))
+    common.write_json(args.out, result)
     print(tables(result))
+    print('summary:', json.dumps(result['summary'], indent=1))
     print(f"wrote {plot(result, args.out.with_suffix('.png'))}")
     return result
   return run(args)

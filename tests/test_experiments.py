@@ -1,5 +1,6 @@
 """The experiment scripts keep their output contract on tiny settings: JSON fields, notes, plots."""
 
+import argparse
 import json
 import statistics
 import sys
@@ -221,6 +222,18 @@ def test_memory_contract(tmp_path, monkeypatch):
   ratio = on_disk['summary']['depth_ratio_max_vs_min']['standard']['compiled_bytes']
   assert ratio == pytest.approx(depth['standard', 2]['compiled_bytes']
                                 / depth['standard', 1]['compiled_bytes'])
+
+
+def test_memory_depth_ratio_without_parameters():
+  # 12 vs 2 layers: 1.5x in all, but 1.1x once float32 parameters and gradients are set aside.
+  def point(layers, compiled, params):
+    return dict(sweep='depth', variant='reformer', n_layers=layers, compiled_bytes=compiled,
+                rss_step_bytes=None, n_params=params)
+  summary = memory.summarize([point(2, 1000, 25), point(12, 1500, 75)],
+                             argparse.Namespace(variants=['reformer']))
+  ratios = summary['depth_ratio_12_vs_2']['reformer']
+  assert ratios['compiled_bytes'] == pytest.approx(1.5)
+  assert ratios['compiled_bytes_beyond_parameters'] == pytest.approx(900 / 800)
 
 
 def test_hlo_op_categories():
