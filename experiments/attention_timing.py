@@ -494,18 +494,9 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
       f = forward_backward(kernel(variant, chunk_len=args.chunk_len, causal=args.causal), variant)
       compiled, _ = _compile(f, q, q, v, keys[3], cotangent)
       rows = common.op_profile(compiled, lambda: compiled(q, q, v, keys[3], cotangent))
-      total = sum(row['ms'] for row in rows)
-      categories: dict[str, float] = {}
-      for row in rows:
-        categories[row['category']] = categories.get(row['category'], 0.0) + row['ms']
-      categories = dict(sorted(categories.items(), key=lambda kv: -kv[1]))
-      result['profiles'].append({'length': length, 'batch': 1, 'n_hashes': r, 'total_ms': total,
-                                 'categories_ms': categories, 'ops': rows[:40]})
-      print(f'lsh-{r} L={common.human(length)} batch 1: {total:.1f} ms of ops per fwd+bwd')
-      for name, ms in categories.items():
-        print(f'  {name:>12}: {ms:8.1f} ms {ms / total:6.1%}')
-      for row in rows[:10]:
-        print(f"  {row['ms']:8.1f} ms {row['category']:>12} {row['hlo'][:110]}")
+      print(f'lsh-{r} L={common.human(length)} batch 1, forward+backward:')
+      result['profiles'].append({'length': length, 'batch': 1, 'n_hashes': r,
+                                 **common.profile_summary(rows)})
   path = args.out.with_name(args.out.stem + '_profile.json')
   common.write_json(path, result)
   print(f'wrote {path}')

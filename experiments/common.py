@@ -328,3 +328,19 @@ def op_profile(compiled, call: Callable[[], Any], *, steps: int = 3) -> list[dic
   rows = [{'op': name, 'ms': ns / steps / 1e6, 'category': categorize(name, lines[name], bodies),
            'hlo': lines[name][:200]} for name, ns in totals.items()]
   return sorted(rows, key=lambda r: -r['ms'])
+
+
+def profile_summary(rows: list[dict[str, Any]], top: int = 40) -> dict[str, Any]:
+  """`{'total_ms', 'categories_ms' (largest first), 'ops' (the `top` largest)}` of `op_profile`
+  rows, printed as a table too."""
+  total = sum(row['ms'] for row in rows)
+  categories: dict[str, float] = {}
+  for row in rows:
+    categories[row['category']] = categories.get(row['category'], 0.0) + row['ms']
+  categories = dict(sorted(categories.items(), key=lambda kv: -kv[1]))
+  print(f'{total:.1f} ms of ops per call (summed over threads)')
+  for name, ms in categories.items():
+    print(f'  {name:>12}: {ms:8.1f} ms {ms / max(total, 1e-9):6.1%}')
+  for row in rows[:10]:
+    print(f"  {row['ms']:8.1f} ms {row['category']:>12} {row['hlo'][:110]}")
+  return {'total_ms': total, 'categories_ms': categories, 'ops': rows[:top]}

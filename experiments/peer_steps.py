@@ -62,8 +62,10 @@ INSTALL_HINT = "pip install -e '.[peers]' (see experiments/peers.py)"
 class Built:
   """A ready training step: `step()` runs one update to completion and returns the loss."""
 
-  def __init__(self, params: int, step: Callable[[], float], compile_s: float | None = None):
+  def __init__(self, params: int, step: Callable[[], float], compile_s: float | None = None,
+               compiled: Any = None):
     self.params, self.step, self.compile_s = params, step, compile_s
+    self.compiled = compiled  # reformer_jax: the compiled step (for `experiments.peers --profile`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ def build_reformer_jax(spec: dict[str, Any]) -> Built:
     return float(loss)  # waits for the step
 
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
-  return Built(int(n_params), step, compile_s)
+  return Built(int(n_params), step, compile_s, compiled)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,6 +108,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='stop a process (and note it) after this many seconds')
   p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT,
                  help='JSON result file; the bar chart is written next to it with a .png suffix')
+  p.add_argument('--profile', action='store_true',
+                 help="instead of the comparison: an op-level profile (jax.profiler) of "
+                      "reformer_jax's step in this process, written to <out>_profile.json")
   p.add_argument('--replot', action='store_true',
                  help='measure nothing: redraw the chart and table of an existing --out file')
   common.add_wandb_flag(p, 'the table and chart')
@@ -354,8 +357,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return result
 
 
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+  """Where reformer_jax's training step spends its time, by HLO op and op category."""
+  from experiments import peer_steps  # pylint: disable=import-outside-toplevel
+  spec = dict(model_spec(args), implementation='reformer_jax')
+  built = peer_steps.build_reformer_jax(spec)
+  print(f"reformer_jax step, {spec['layers']} layers, d_model {spec['d_model']}, "
+        f"{spec['batch']} x {spec['length']} tokens:")
+  result = {'machine': common.machine_info(), 'config': spec,
+            **common.profile_summary(common.op_profile(built.compiled, built.step))}
+  path = args.out.with_name(args.out.stem + '_profile.json')
+  common.write_json(path, result)
+  print(f'wrote {path}')
+  return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.profile:
+    return profile(args)
   if args.replot:
     result = json.loads(args.out.read_text(encoding='utf-8'))
     print(table(result))

@@ -374,6 +374,28 @@ def test_peers_contract_reformer_jax(tmp_path, monkeypatch):
   assert _png(out.with_suffix('.png'))
 
 
+def test_attention_timing_profile(tmp_path):
+  attention_timing.main(['--profile', '--lengths', '128', '--hashes', '2', '--heads', '1',
+                         '--head-dim', '16', '--chunk-len', '32', '--out',
+                         str(tmp_path / 'timing.json')])
+  (prof,) = json.loads((tmp_path / 'timing_profile.json').read_text())['profiles']
+  assert (prof['length'], prof['n_hashes'], prof['batch']) == (128, 2, 1)
+  assert prof['categories_ms']['matmul'] > 0 and prof['categories_ms']['sort'] > 0
+  assert sum(prof['categories_ms'].values()) == pytest.approx(prof['total_ms'])
+
+
+def test_peers_profile_of_the_reformer_jax_step(tmp_path):
+  from experiments import peers  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'peers.json'
+  result = peers.main([*TINY_PEERS, '--profile', '--out', str(out)])
+  on_disk = json.loads((tmp_path / 'peers_profile.json').read_text())
+  assert on_disk['config']['layers'] == 1 and on_disk['config']['implementation'] == 'reformer_jax'
+  assert on_disk['total_ms'] == pytest.approx(result['total_ms']) and result['total_ms'] > 0
+  assert on_disk['categories_ms']['matmul'] > 0  # projections, chunk attention, feed-forward
+  assert sum(on_disk['categories_ms'].values()) == pytest.approx(on_disk['total_ms'])
+  assert not out.exists()  # the comparison itself did not run
+
+
 def test_peers_interleaving_medians_and_ratios(monkeypatch):
   """Rounds rotate the order; a peer that did not run gets a note and is not retried; medians
   over repeats and the ratios against the fastest and the smallest peer."""
