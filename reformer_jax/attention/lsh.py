@@ -2,7 +2,8 @@
 
 1. Hash: shared query/keys are rotated by a random matrix and each round's bucket is
    `argmax([xR; -xR])` (a factorized list of bucket counts hashes each factor separately).
-2. Sort: one stable sort over all rounds by (round, bucket, position).
+2. Sort: one stable sort over all rounds by (round, bucket, position); the inverse permutation,
+   for unsorting, is a scatter of slot numbers.
 3. Attend: the sorted sequence is cut into chunks of `chunk_len`; each chunk sees itself and
    `n_chunks_before` / `n_chunks_after` neighbours of the same round. Keys are the unit-normalized
    queries; causal, padding and self masks apply on original positions.
@@ -11,7 +12,8 @@
 
 Memory is O(R * L * C) in the forward and backward pass: sorting and unsorting are gathers by a
 permutation whose gradient is the gather by the inverse permutation (`permute`), never a
-scatter or an `[L, L]` matrix.
+scatter-add or an `[L, L]` matrix; each chunk's attention has a written-out backward pass
+(`attend_chunks`).
 
 Long sequences bound the working set further (`attention_groups` picks when): heads go in
 groups, one after another (`n_parallel_heads`, as trax names it), and each group's sorted query
