@@ -228,9 +228,7 @@ def _gather_rounds_fwd(x, pos, inverse, n_hashes):
 
 def _gather_rounds_bwd(n_hashes, res, g):
   pos, inverse = res
-  # Made whole before the gather: fused into it, XLA:CPU recomputed the cotangent's producers
-  # (the look-around and normalization gradients, a transposed read) for every gathered row.
-  g = _gather(jax.lax.optimization_barrier(g), inverse)  # [B, N, R * L, F] in (round, position) order
+  g = _gather(g, inverse)  # [B, N, R * L, F] in (round, position) order
   g = g.reshape(*g.shape[:2], n_hashes, -1, g.shape[-1]).sum(axis=2)
   return g, None, None
 
@@ -645,7 +643,7 @@ def _attend_sorted(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, befor
   Returns:
     `[B, n, S, H + 1]`: each sorted slot's output and logsumexp.
   """
-  batch, heads, length, head_dim = qk_t.shape
+  batch, heads, length, _ = qk_t.shape
   slots = n_hashes * length
   # Queries/keys and values into sorted order for every round (two gathers: one of the two
   # concatenated would cost a concatenation and two strided slices more).
@@ -659,8 +657,7 @@ def _attend_sorted(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, befor
   q_pos = chunk(pos)
   k_valid = common.neighbour_valid(n_chunks, length // chunk_len, chunk_len, before, after)
   if mask is not None:
-    smask = take(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)),
-                                pos, axis=-1)
+    smask = take(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)), pos, axis=-1)
     k_valid = k_valid & common.look_around(chunk(smask), before, after)
   out, lse = attend_chunks(chunk(sqk), chunk(sv), q_pos, k_valid, before, after, causal)
   return jnp.concatenate([out, lse[..., None]], axis=-1).reshape(batch, heads, slots, -1)
@@ -786,14 +783,12 @@ def _attend_in_groups(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, be
   def step(args):
     g, w_pos = args
     flat = w_pos.reshape(batch, heads, span * chunk_len)
-    kv = take(qkv, flat[..., None], axis=2).reshape(batch, heads, span,
-                                                                    chunk_len, -1)
+    kv = take(qkv, flat[..., None], axis=2).reshape(batch, heads, span, chunk_len, -1)
     wqk, wv = kv[..., :head_dim], kv[..., head_dim:].astype(v_t.dtype)
     k_valid = common.neighbour_valid(n_chunks, length // chunk_len, chunk_len, before, after,
                                      chunks=g * per_step + jnp.arange(per_step))
     if mask is not None:
-      smask = take(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)),
-                                  flat, axis=-1)
+      smask = take(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)), flat, axis=-1)
       k_valid = k_valid & around(smask.reshape(w_pos.shape))
     out, lse = common.masked_attend(
         wqk[:, :, before:before + per_step], around(common.unit_normalize(wqk)), around(wv),
