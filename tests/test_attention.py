@@ -248,6 +248,22 @@ def test_attend_chunks_backward_equals_autodiff_of_masked_attend(causal, before,
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize('total_buckets', [8, 2 ** 26])  # one packed int32 key / pair sort
+def test_sort_slots_orders_by_round_bucket_position(total_buckets):
+  from reformer_jax.attention.lsh import _sort_slots  # pylint: disable=import-outside-toplevel
+  batch, heads, rounds, length = 2, 2, 3, 64
+  buckets = jax.random.randint(jax.random.PRNGKey(0), (batch, heads, rounds, length), 0,
+                               min(total_buckets, 8))  # few values: many ties to order by position
+  mask = jnp.arange(length)[None] < jnp.array([[length], [40]])
+  sort_idx, undo_idx, pos = _sort_slots(buckets, mask, total_buckets)
+  padded = jnp.where(mask[:, None, None, :], buckets, total_buckets)
+  keyed = (padded + (total_buckets + 1) * jnp.arange(rounds)[:, None]).reshape(batch, heads, -1)
+  np.testing.assert_array_equal(sort_idx, jnp.argsort(keyed, axis=-1, stable=True))
+  np.testing.assert_array_equal(jnp.take_along_axis(sort_idx, undo_idx, -1),
+                                jnp.broadcast_to(jnp.arange(rounds * length), sort_idx.shape))
+  np.testing.assert_array_equal(pos, sort_idx % length)
+
+
 def test_configuration_errors_name_the_field():
   qk, v, _ = _inputs(length=40)
   with pytest.raises(ValueError, match='length 40 is not a multiple of chunk_len 16.*pad the input to 48'):

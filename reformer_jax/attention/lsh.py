@@ -602,8 +602,15 @@ def _sort_slots(buckets: jax.Array, mask: jax.Array | None, total_buckets: int):
                                                          total_buckets)
   keyed = (sort_buckets + (total_buckets + 1) * jnp.arange(n_hashes, dtype=jnp.int32)[:, None])
   keyed = keyed.reshape(batch, heads, slots)
-  ticker = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), keyed.shape)
-  _, sort_idx = jax.lax.sort((keyed, ticker), num_keys=1)
+  if (total_buckets + 1) * slots <= np.iinfo(np.int32).max:
+    # One int32 array holding (round-offset bucket, position), keys all distinct: sorting it
+    # took XLA:CPU a fifth of the time of the (key, slot) pair sort with its comparator.
+    position = jnp.arange(slots, dtype=jnp.int32) % length
+    packed = jax.lax.sort(keyed * length + position)
+    sort_idx = packed // length // (total_buckets + 1) * length + packed % length
+  else:  # too many buckets x slots for one int32: the stable pair sort
+    ticker = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), keyed.shape)
+    _, sort_idx = jax.lax.sort((keyed, ticker), num_keys=1)
   # The inverse permutation by a scatter (undo[sort_idx[s]] = s): linear, where a second sort
   # cost as much as the first.
   undo_idx = jax.vmap(lambda idx: jnp.zeros_like(idx).at[idx].set(
