@@ -285,9 +285,8 @@ def time_cases(cases: list[tuple[dict, list]], args,
   """Warms every function up once (excluded), then times them round-robin `--repeats` rounds.
 
   Every round times each reference (the matmul, the chunk matmuls; best of `REFERENCE_CALLS`
-  back-to-back calls) and every function
-  once (a function whose warm-up says its repeats would overrun `--budget-s` sits out the later
-  rounds). Interleaving puts all points under the same background load, and each sample's
+  back-to-back calls) and every function once (a function whose warm-up says its repeats would
+  overrun `--budget-s` sits out the later rounds). Interleaving puts all points under the same background load, and each sample's
   round is recorded (`fwd_bwd_rounds`) so `summarize` can compare points within a round.
   Returns each reference's samples (seconds), one per round.
   """
@@ -538,12 +537,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           head_dim=args.head_dim)
   samples = time_cases(cases, args, {'matmul': lambda: matmul(a, b), 'chunk_matmuls': chunk_call})
   chunk_rates = [chunk_flops / t for t in samples['chunk_matmuls']]
-  samples = samples['matmul']
   points = [p for p, _ in cases] + [dict(p, regime=regime) for regime, first in same
                                     for p, _ in first]
   order = {r: i for i, r in enumerate(REGIMES)}
   result['points'] = sorted(points, key=lambda p: (order[p['regime']], p['length']))
-  rates = [2 * size ** 3 / t for t in samples]
+  rates = [2 * size ** 3 / t for t in samples['matmul']]
   result['matmul_flops_per_s'] = common.median(rates)
   result['matmul'] = {'size': size, 'samples_flops_per_s': rates}
   result['chunk_matmuls'] = {'chunks': chunks, 'chunk_len': args.chunk_len,

@@ -109,6 +109,10 @@ def test_timing_summary_pairs_samples_by_round():
   assert spread['max_over_min_minus_1'] == pytest.approx(0.2)
   assert spread['max_over_min_minus_1_best'] == pytest.approx(0.2)
   assert spread['within_30pct_of_shortest']  # 1.0 and 1.2 times the 1K time per token
+  slower = [point('fixed_tokens', 1024, 'lsh', 4, [1.0], batch=16),
+            point('fixed_tokens', 4096, 'lsh', 4, [1.4], batch=4)]  # 1.4 times per token
+  assert not attention_timing.summarize(slower, matmul_rates=[100.0], hashes=[4])[
+      'lsh_time_per_token_spread_fixed_tokens']['lsh-4']['within_30pct_of_shortest']
   assert points[1]['flops_fraction'] == pytest.approx(10.0 / 2.0 / 100.0)  # best vs best
   assert points[1]['flops_fraction_paired'] == pytest.approx(0.05)  # both rounds agree
   assert summary['lsh_flops_fraction_range'] == pytest.approx([0.05, 0.1])
