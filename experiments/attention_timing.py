@@ -311,8 +311,7 @@ def time_cases(cases: list[tuple[dict, list]], args,
   for r in range(args.repeats):
     for name, call in references.items():
       # The best of a few back-to-back calls: a single call right after a big kernel ran at
-      # a half or less of the rate the matmul reaches (44-113 vs ~200 GFLOP/s on the 2-core
-      # CPU), which would flatter every FLOP/s fraction.
+      # half the matmul's rate or less on the 2-core CPU, which flattered every FLOP/s fraction.
       samples[name].append(min(common.time_call(call) for _ in range(REFERENCE_CALLS)))
     for point, fns in live:
       for name, fn in fns:

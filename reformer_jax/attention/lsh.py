@@ -95,9 +95,10 @@ def default_n_buckets(length: int, chunk_len: int) -> int | tuple[int, int]:
   rotated coordinates, which would rival the attention itself (`L * 2 * chunk_len` logits) at
   long lengths, so above `chunk_len` buckets the count is factorized into two near-equal powers
   of two (Hugging Face factorizes above `2 * chunk_len`): the same number of buckets for `~sqrt`
-  the hashing cost. (At 4K tokens and chunks of 64, 128 unfactorized buckets made LSH-1 and
-  LSH-2 forward+backward 14-20% slower per token than (8, 16) on the 2-core CPU, a bump in
-  the otherwise flat time-per-token curve.)
+  the hashing cost. (With the old `2 * chunk_len` threshold, 4K tokens in chunks of 64 hashed
+  into 128 unfactorized buckets: the CPU timing curve of commit 35c47d3 shows LSH-1 and LSH-2
+  1.49x and 1.33x slower per token there than at 1K; experiments/results/attention_timing_cpu.json
+  now has no such bump.)
   """
   power = max(1, round(math.log2(max(2 * length / max(chunk_len, 1), 2))))
   if 2 ** power <= chunk_len:
@@ -603,8 +604,8 @@ def _sort_slots(buckets: jax.Array, mask: jax.Array | None, total_buckets: int):
   keyed = (sort_buckets + (total_buckets + 1) * jnp.arange(n_hashes, dtype=jnp.int32)[:, None])
   keyed = keyed.reshape(batch, heads, slots)
   if (total_buckets + 1) * slots <= np.iinfo(np.int32).max:
-    # One int32 array holding (round-offset bucket, position), keys all distinct: sorting it
-    # took XLA:CPU a fifth of the time of the (key, slot) pair sort with its comparator.
+    # One int32 array holding (round-offset bucket, position), keys all distinct: XLA:CPU
+    # sorts it much faster than the (key, slot) pair with its comparator.
     position = jnp.arange(slots, dtype=jnp.int32) % length
     packed = jax.lax.sort(keyed * length + position)
     sort_idx = packed // length // (total_buckets + 1) * length + packed % length
