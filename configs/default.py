@@ -33,6 +33,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.n_buckets = config_dict.placeholder(object)  # even int or tuple; None: ~2 * len / chunk
   m.hash_seed = config_dict.placeholder(int)  # fixed rotations for evaluation; None: per batch
   m.shared_qk = True                # shared query/key in full/local layers too (LSH always)
+  m.exclude_self = True             # shared QK: a token sees itself only when nothing else is
+                                    # allowed; False (full attention only): like any other key
   m.reversible = True               # reversible residual stack (memory independent of depth)
   m.ff_chunk_len = 0                # tokens per feed-forward chunk; 0: unchunked
   m.dropout = 0.0                   # residual, embedding and feed-forward dropout
@@ -90,6 +92,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.eval_batch_size = 64       # global evaluation batch
   config.max_eval_batches = 0       # evaluate on at most this many batches; 0: the whole set
   config.eval_n_hashes = ()         # also evaluate with n hashes (0 = full attention), e.g. (1, 4)
+  config.eval_full_self = False     # also evaluate with full attention in which a token may
+                                    # attend to its own shared query/key (eval_full_self/...)
   config.eval_every_steps = 100     # evaluation interval; 0: only at the end
   config.log_every_steps = 50       # training metrics and progress line interval
   config.checkpoint_every_steps = 200  # checkpoint interval; 0: only at the end (and SIGTERM)

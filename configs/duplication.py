@@ -5,19 +5,22 @@
 
 Sequences `0 w 0 w`, |w| = 511 (length 1024) over 127 symbols; loss and accuracy only on the
 second copy of w. One layer, d_model = d_ff = 256, 4 heads. The argument picks the attention
-used in training: `full`, or LSH with 1, 2 or 4 hashes (`lsh1`, `lsh2`, `lsh4`). Every
-evaluation also runs with the hash counts in `eval_n_hashes` (0 = full attention), which gives
-the paper's table of train/eval hash combinations from one run per row, e.g.
-`--config.eval_n_hashes='(1, 2, 4, 8, 0)'`. Sized for an accelerator.
+used in training: `full`, or LSH with 1, 2 or 4 hashes (`lsh1`, `lsh2`, `lsh4`), or
+`full_self`: full attention in which a token may attend to its own shared query/key (the
+others exclude it unless nothing else is allowed, the Reformer's shared-QK rule). Every
+evaluation also runs with the hash counts in `eval_n_hashes` (0 = full attention) and with
+`full_self` attention (`eval_full_self`), which gives the paper's table of train/eval
+combinations from one run per row, e.g. `--config.eval_n_hashes='(1, 2, 4, 8, 0)'`. Sized for
+an accelerator.
 """
 
 from configs import default
 
-ATTENTION = ('full', 'lsh1', 'lsh2', 'lsh4')
+ATTENTION = ('full', 'full_self', 'lsh1', 'lsh2', 'lsh4')
 
 
 def get_config(arg: str = 'lsh4'):
-  """`arg`: the training attention, one of `full`, `lsh1`, `lsh2`, `lsh4`."""
+  """`arg`: the training attention, one of `full`, `full_self`, `lsh1`, `lsh2`, `lsh4`."""
   if arg not in ATTENTION:
     raise ValueError(f'configs/duplication.py:{arg}: use one of {ATTENTION}, '
                      f'e.g. --config=configs/duplication.py:lsh2')
@@ -35,8 +38,9 @@ def get_config(arg: str = 'lsh4'):
   # (attend |w| + 1 back) stalled: the positions in 3 of the 16 grid columns stayed at chance
   # (full attention: 81% accuracy from step ~800 to 1,500).
   config.model.pos_embedding = 'learned'
-  if arg == 'full':                         # training attention, from the argument
+  if arg in ('full', 'full_self'):          # training attention, from the argument
     config.model.attention_types = ('full',)
+    config.model.exclude_self = arg == 'full'
   else:
     config.model.attention_types = ('lsh',)
     config.model.n_hashes = int(arg[len('lsh'):])
@@ -50,5 +54,6 @@ def get_config(arg: str = 'lsh4'):
   config.log_every_steps = 200
   config.checkpoint_every_steps = 2_000
   config.eval_n_hashes = (1, 2, 4, 8, 0)    # the paper's evaluation columns (0 = full)
+  config.eval_full_self = True              # and full attention that lets a token see itself
   config.wandb.tags = ('duplication', arg)
   return config

@@ -1,5 +1,6 @@
 """The paper's duplication task (Table 2): train with full attention and LSH-1/2/4, evaluate each
-model with full attention and with 1, 2, 4 and 8 hashes.
+model with full attention and with 1, 2, 4 and 8 hashes; and the same with `full_self`
+attention, full attention in which a token may attend to its own shared query/key.
 
     python -m experiments.duplication                    # CPU scale: length 256 (|w| = 127)
     python -m experiments.duplication --length 1024      # the paper's setting, for an accelerator
@@ -9,7 +10,12 @@ Each training run is `configs/duplication.py:<attention>` (one layer, d_model = 
 length, chunk length and budget set from the flags; it lives in `<workdir>/<attention>` and
 resumes from its checkpoint if interrupted, so rerunning the command continues where it stopped
 (finished runs only re-evaluate). Every run evaluates with `eval_n_hashes = (1, 2, 4, 8, 0)`
-on the same fixed evaluation set. The paper uses chunks of 64 at length 1024 (16 chunks); at a
+and `eval_full_self` on the same fixed evaluation set.
+
+`full` is the Reformer's shared-QK full attention: a token attends to its own key only when no
+other key is allowed, the rule LSH attention follows (a token's own key would otherwise win
+almost every query). `full_self` drops that rule, as plain attention applied to a shared
+query/key does: the row trains with it, the column evaluates with it. The paper uses chunks of 64 at length 1024 (16 chunks); at a
 smaller length the chunk length keeps that ratio (`--chunk-len`, default length / 16).
 
 Writes `--out` (JSON), a Markdown table (`.md`) and a heatmap (`.png`) next to it, rows = training attention,
@@ -17,7 +23,7 @@ columns = evaluation attention, cells = accuracy on the second copy:
 
     {"machine": {...}, "config": {...},
      "rows": [{"train": "lsh4", "step": ..., "train_s": ..., "eval": {"full": acc,
-               "lsh1": acc, "lsh2": acc, "lsh4": acc, "lsh8": acc}}, ...]}
+               "full_self": acc, "lsh1": acc, "lsh2": acc, "lsh4": acc, "lsh8": acc}}, ...]}
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from typing import Any, Sequence
 from experiments import common
 
 DEFAULT_OUT = common.REPO_ROOT / 'experiments' / 'results' / 'duplication_cpu.json'
-TRAIN = ('full', 'lsh1', 'lsh2', 'lsh4')
-EVAL = {'full': 'eval_full', 'lsh1': 'eval_lsh1', 'lsh2': 'eval_lsh2', 'lsh4': 'eval_lsh4',
-        'lsh8': 'eval_lsh8'}
+TRAIN = ('full', 'full_self', 'lsh1', 'lsh2', 'lsh4')
+EVAL = {'full': 'eval_full', 'full_self': 'eval_full_self', 'lsh1': 'eval_lsh1',
+        'lsh2': 'eval_lsh2', 'lsh4': 'eval_lsh4', 'lsh8': 'eval_lsh8'}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -161,7 +161,7 @@ def _attention_step(cfg: ModelConfig, layer: int, p, h, lc: LayerCache, length, 
     k_valid = k_valid & jnp.any(buckets == hashed, axis=2)  # [B, N, W]
   out, _ = common.masked_attend(
       q[:, :, None, :], k_cache, v_cache, q_pos=length[:, None, None], k_pos=pos[:, None, :],
-      k_valid=k_valid[:, :, None, :], causal=True, shared_qk=shared,
+      k_valid=k_valid[:, :, None, :], causal=True, shared_qk=shared and cfg.exclude_self,
       scale=1.0 if shared else cfg.head_dim_ ** -0.5)
   out = out.astype(v.dtype)[:, :, 0][:, None]  # [B, 1, N, H]
   out = _dense(cfg, p['out'], out, cfg.d_model, axis=(-2, -1))

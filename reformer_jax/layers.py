@@ -180,7 +180,8 @@ class SelfAttention(nn.Module):
       elif self.attention_type == 'local':
         out = local_attention(q, k, v, causal=self.causal, mask=mask, **chunking)
       else:
-        out = full_attention(q, k, v, causal=self.causal, mask=mask)
+        out = full_attention(q, k, v, causal=self.causal, mask=mask,
+                             exclude_self=cfg.exclude_self)
       out = jnp.einsum('blnh,nhd->bld', out.astype(dtype), w_out.astype(dtype))
     if lsh:
       # The reversible stack keeps these for the backward pass: store them in the smallest int

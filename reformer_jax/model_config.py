@@ -35,6 +35,8 @@ class ModelConfig:
   n_buckets: int | tuple[int, ...] | None = None  # even int or factors; None: ~2 * len / chunk
   hash_seed: int | None = None            # fixed hash rotations when not training (evaluation)
   shared_qk: bool = True                  # shared query/key for full/local (LSH always shares)
+  exclude_self: bool = True               # shared query/key: a token sees its own key only when
+                                          # no other is allowed; False: like any other (full only)
   reversible: bool = True                 # False: ordinary pre-norm residual Transformer
   ff_chunk_len: int = 0                   # tokens per feed-forward chunk; 0: unchunked
   dropout: float = 0.0                    # residual, embedding and feed-forward dropout
@@ -131,6 +133,11 @@ class ModelConfig:
         fail(f'n_buckets must be an even int >= 2 or a tuple of them, got {self.n_buckets!r}: '
              f'each random rotation makes two buckets (xR, -xR); round up to an even number or '
              f'leave it None for about 2 * max_len / chunk_len')
+    if not self.exclude_self and (not self.shared_qk or set(self.attention_types) != {'full'}):
+      fail(f'exclude_self=False needs shared_qk=True and full attention in every layer (got '
+           f'shared_qk={self.shared_qk}, attention_types={self.attention_types}): it lets a '
+           f"token attend to its own shared query/key; LSH and local attention always exclude "
+           f'it, and separate keys have nothing to exclude')
     if 'lsh' in self.attention_types and not self.shared_qk:
       fail("shared_qk=False cannot be used with 'lsh' layers: LSH attention hashes one shared "
            "query/key; set shared_qk=True or drop 'lsh' from attention_types")

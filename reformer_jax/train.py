@@ -149,6 +149,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if config.eval_n_hashes and not model_cfg.shared_qk:
     fail('eval_n_hashes needs model.shared_qk=True: LSH evaluation reuses the shared query/key '
          'projection of the trained attention layers')
+  if config.eval_full_self and not model_cfg.shared_qk:
+    fail('eval_full_self needs model.shared_qk=True: it evaluates the shared query/key '
+         'attention with each token allowed to attend to its own key')
   tracking.wandb_mode(config.wandb.mode)  # raises on an unknown mode
   return model_cfg
 
@@ -453,17 +456,23 @@ def _shared_tokenizer(workdir, vocab_size, texts):
 
 
 def eval_variants(config, model_cfg: ModelConfig) -> dict[str, ModelConfig]:
-  """Metric prefix -> model used for evaluation: 'eval' (as trained) plus `config.eval_n_hashes`.
+  """Metric prefix -> model used for evaluation: 'eval' (as trained) plus `config.eval_n_hashes`
+  and `config.eval_full_self`.
 
   `n > 0` turns every attention layer into LSH with n hashes ('eval_lsh{n}'); `0` into full
-  attention ('eval_full'). Parameters are shared: both use the one shared query/key projection.
+  attention ('eval_full'), both with the shared query/key rule that a token attends to itself
+  only when nothing else is allowed; `eval_full_self` adds full attention in which it may
+  ('eval_full_self'). Parameters are shared: all use the one shared query/key projection.
   """
   variants = {'eval': model_cfg}
   for n in config.eval_n_hashes:
     if n == 0:
-      variants['eval_full'] = model_cfg.replace(attention_types=('full',))
+      variants['eval_full'] = model_cfg.replace(attention_types=('full',), exclude_self=True)
     else:
-      variants[f'eval_lsh{n}'] = model_cfg.replace(attention_types=('lsh',), n_hashes=n)
+      variants[f'eval_lsh{n}'] = model_cfg.replace(attention_types=('lsh',), n_hashes=n,
+                                                   exclude_self=True)
+  if config.eval_full_self:
+    variants['eval_full_self'] = model_cfg.replace(attention_types=('full',), exclude_self=False)
   return variants
 
 

@@ -55,6 +55,33 @@ def test_local_with_covering_window_equals_full(causal):
                                atol=2e-6)
 
 
+@pytest.mark.parametrize('causal', [False, True])
+def test_full_attention_exclude_self(causal):
+  """Shared query/keys: by default a query sees its own key only when nothing else is allowed
+  (the first query under causality); `exclude_self=False` is plain softmax attention over the
+  unit-normalized queries, its own key included."""
+  qk, v, mask = _inputs()
+  keys = qk / jnp.sqrt(jnp.sum(qk * qk, -1, keepdims=True) + 1e-6)
+  logits = jnp.einsum('bqnh,bknh->bnqk', qk, keys)
+  allowed = mask[:, None, None, :] & (jnp.tril(jnp.ones((L, L), bool)) if causal else True)
+  own = jnp.eye(L, dtype=bool)
+
+  def reference(logits):
+    probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    return jnp.einsum('bnqk,bknh->bqnh', probs, v)
+
+  with_self = full_attention(qk, None, v, causal=causal, mask=mask, exclude_self=False)
+  np.testing.assert_allclose(with_self, reference(logits), atol=2e-6)
+  excluded = full_attention(qk, None, v, causal=causal, mask=mask)
+  expected = reference(jnp.where(own, -1e5, logits))  # own key: a last resort
+  np.testing.assert_allclose(excluded, expected, atol=2e-6)
+  assert float(jnp.abs(with_self - excluded).max()) > 0.1
+  # Separate keys have no "own" key: the flag changes nothing.
+  k = jax.random.normal(jax.random.PRNGKey(5), qk.shape)
+  np.testing.assert_array_equal(full_attention(qk, k, v, causal=causal, exclude_self=False),
+                                full_attention(qk, k, v, causal=causal))
+
+
 def test_local_attention_sees_only_its_window():
   qk, v, _ = _inputs()
   out = local_attention(qk, None, v, chunk_len=8, n_chunks_before=1, causal=True)

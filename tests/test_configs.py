@@ -53,8 +53,18 @@ def test_paper_duplication_settings():
   assert config.model.attention_types == ('lsh',) and config.model.n_hashes == 2
   assert _config('duplication', 'full').model.attention_types == ('full',)
   variants = train.eval_variants(config, train.validate_config(config))
-  assert set(variants) == {'eval', 'eval_lsh1', 'eval_lsh2', 'eval_lsh4', 'eval_lsh8', 'eval_full'}
+  assert set(variants) == {'eval', 'eval_lsh1', 'eval_lsh2', 'eval_lsh4', 'eval_lsh8', 'eval_full',
+                           'eval_full_self'}
   assert variants['eval_lsh8'].n_hashes == 8 and variants['eval_full'].attention_types == ('full',)
+  assert variants['eval_full'].exclude_self and not variants['eval_full_self'].exclude_self
+  # The row trained with full attention that lets a token see itself: its LSH and `full`
+  # evaluations exclude the token's own key again.
+  config = _config('duplication', 'full_self')
+  trained = train.validate_config(config)
+  assert trained.attention_types == ('full',) and not trained.exclude_self
+  variants = train.eval_variants(config, trained)
+  assert variants['eval_lsh4'].exclude_self and variants['eval_full'].exclude_self
+  assert not variants['eval'].exclude_self and not variants['eval_full_self'].exclude_self
 
 
 @pytest.mark.parametrize('module,arg', [('duplication', 'lsh3'), ('shakespeare', '5k'),
@@ -102,6 +112,8 @@ def test_command_line_overrides_reach_nested_and_optional_fields():
     (dict(eval_n_hashes=(-1,)), r'config\.eval_n_hashes=\(-1,\): give ints >= 0'),
     (dict(eval_n_hashes=(2,), model__shared_qk=False, model__attention_types=('full',)),
      r'eval_n_hashes needs model\.shared_qk=True'),
+    (dict(eval_full_self=True, model__shared_qk=False, model__attention_types=('full',)),
+     r'eval_full_self needs model\.shared_qk=True'),
     (dict(data__task='text'), r'config\.model\.vocab_size=8: the byte-level text task needs 256'),
     (dict(wandb__mode='sometimes'), r"config\.wandb\.mode='sometimes': use one of"),
     (dict(num_train_steps=0), r'config\.num_train_steps=0 must be an int >= 1'),

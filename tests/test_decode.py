@@ -40,6 +40,7 @@ def _tv(a, b):
 
 @pytest.mark.parametrize('changes', [
     dict(attention_types=('full', 'local'), reversible=True),
+    dict(attention_types=('full',), exclude_self=False),
     dict(attention_types=('local', 'full'), reversible=False, shared_qk=False,
          tie_embeddings=True, pos_embedding='learned'),
 ])

@@ -301,10 +301,11 @@ def test_duplication_table(tmp_path, capsys):
   assert on_disk['rows'] == result['rows'] and len(on_disk['rows']) == 1
   row = on_disk['rows'][0]
   assert row['train'] == 'lsh2' and row['step'] == 2
-  assert set(row['eval']) == {'full', 'lsh1', 'lsh2', 'lsh4', 'lsh8'}
+  assert set(row['eval']) == {'full', 'full_self', 'lsh1', 'lsh2', 'lsh4', 'lsh8'}
   assert all(0.0 <= v <= 1.0 for v in row['eval'].values())
   assert on_disk['config']['w_length'] == 7 and on_disk['config']['chunk_len'] == 4
-  assert '| train \\ eval | full | lsh1 | lsh2 | lsh4 | lsh8 |' in out.with_suffix('.md').read_text()
+  assert ('| train \\ eval | full | full_self | lsh1 | lsh2 | lsh4 | lsh8 |'
+          in out.with_suffix('.md').read_text())
   assert _png(out.with_suffix('.png'))
   again = duplication.main(argv)  # finished: evaluates the checkpoint, same step
   assert again['rows'][0]['step'] == 2

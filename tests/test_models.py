@@ -124,6 +124,10 @@ def test_encoder_decoder_shapes_gradients_and_causal_decoder():
     (dict(axial_shape=(4, 8)), r'axial_shape \(4, 8\) covers 32 positions, fewer than max_len 64'),
     (dict(axial_dims=(8, 8)), 'axial_dims .* sum to 16, not d_model 32'),
     (dict(shared_qk=False), "shared_qk=False cannot be used with 'lsh'"),
+    (dict(exclude_self=False), r"exclude_self=False needs shared_qk=True and full attention in "
+                               r"every layer \(got shared_qk=True, attention_types=\('lsh',\)\)"),
+    (dict(exclude_self=False, attention_types=('full',), shared_qk=False),
+     'exclude_self=False needs shared_qk=True'),
     (dict(ff_chunk_len=24), 'ff_chunk_len 24 must be 0 .off. or divide max_len 64'),
     (dict(dtype='float8'), "dtype 'float8' is not one of"),
 ])

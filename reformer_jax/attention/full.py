@@ -13,7 +13,7 @@ from reformer_jax.attention import common
 
 
 def full_attention(q: jax.Array, k: jax.Array | None, v: jax.Array, *, causal: bool = False,
-                   mask: jax.Array | None = None) -> jax.Array:
+                   mask: jax.Array | None = None, exclude_self: bool = True) -> jax.Array:
   """Attention of every query over every key.
 
   Args:
@@ -24,6 +24,9 @@ def full_attention(q: jax.Array, k: jax.Array | None, v: jax.Array, *, causal: b
     v: `[B, S, N, H]` values.
     causal: a query at position i sees keys at positions <= i (needs T == S).
     mask: `[B, S]` booleans, False at padding keys.
+    exclude_self: with shared query/keys, the Reformer's rule above; False lets a query see its
+      own key like any other (plain attention with keys = unit-normalized queries, where a
+      query's own key usually scores highest). Ignored with separate keys.
   Returns:
     `[B, T, N, H]` in the dtype of `v`.
   """
@@ -39,5 +42,5 @@ def full_attention(q: jax.Array, k: jax.Array | None, v: jax.Array, *, causal: b
   k_valid = None if mask is None else mask[:, None, None, :]
   out, _ = common.masked_attend(
       qt, kt, vt, q_pos=jnp.arange(q.shape[1]), k_pos=jnp.arange(k.shape[1]), k_valid=k_valid,
-      causal=causal, shared_qk=shared_qk, scale=scale)
+      causal=causal, shared_qk=shared_qk and exclude_self, scale=scale)
   return out.astype(v.dtype).transpose(0, 2, 1, 3)
