@@ -136,8 +136,8 @@ class ModelConfig:
     if not self.exclude_self and (not self.shared_qk or set(self.attention_types) != {'full'}):
       fail(f'exclude_self=False needs shared_qk=True and full attention in every layer (got '
            f'shared_qk={self.shared_qk}, attention_types={self.attention_types}): it lets a '
-           f"token attend to its own shared query/key; LSH and local attention always exclude "
-           f'it, and separate keys have nothing to exclude')
+           'token attend to its own shared query/key; LSH and local attention always exclude '
+           'it, and separate keys have nothing to exclude')
     if 'lsh' in self.attention_types and not self.shared_qk:
       fail("shared_qk=False cannot be used with 'lsh' layers: LSH attention hashes one shared "
            "query/key; set shared_qk=True or drop 'lsh' from attention_types")
