@@ -259,6 +259,19 @@ def test_hlo_op_categories():
       'f32[4]{0} fusion(%a), kind=kLoop, calls=%f'), bodies) == 'elementwise'
 
 
+def test_op_times_run_to_the_completion_marker():
+  """An op launched asynchronously (its event closes at once) lasts until its `end:` marker;
+  each run of a repeated op is closed by its own marker; without a marker, its own duration."""
+  lines = {'dot.1': 'f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}',
+           'add.2': 'f32[8]{0} add(%a, %b)', 'copy.3': 'f32[8]{0} copy(%a)'}
+  events = [('dot.1', 0, 100), ('ThunkExecutor::Execute', 0, 5000), ('end: dot.1', 1000, 0),
+            ('add.2', 2000, 300), ('end: add.2', 2290, 0),     # marker just inside its event
+            ('add.2', 5000, 200), ('end: add.2', 5200, 0),     # a second run, its own marker
+            ('copy.3', 6000, 50)]                              # no marker
+  rows = {r['op']: r['ms'] for r in common._op_rows(events, lines, {}, steps=1)}
+  assert rows == pytest.approx({'dot.1': 1000 / 1e6, 'add.2': 500 / 1e6, 'copy.3': 50 / 1e6})
+
+
 def test_wandb_is_optional_and_logs_table_plot_summary(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'wandb', None)  # importing wandb now fails
   assert common.log_to_wandb('disabled', job='j', config={}, rows=[], columns=[], images={},
