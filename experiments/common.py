@@ -306,11 +306,12 @@ def op_profile(compiled, call: Callable[[], Any], *, steps: int = 3) -> list[dic
 
   Traces `steps` calls with `jax.profiler` and reads the trace back with
   `jax.profiler.ProfileData`; each op is named by its HLO instruction and given a category
-  from its (fused) computation. An op's time runs from its event's start to its completion
-  marker (`end: <op>`) when that comes later: XLA:CPU launches a large matmul on Eigen's thread
-  pool and its event closes at the launch (0.1 ms for a 12 ms `[4096, 256] x [256, 1024]`
-  product), so event durations alone would leave out most matmul time. Sorted by time,
-  largest first.
+  from its (fused) computation. An op's time runs from its start to its completion marker
+  (`end: <op>`): XLA:CPU hands a large matmul to Eigen's thread pool and its trace event closes
+  at the hand-off (0.1 ms for a 12 ms `[4096, 256] x [256, 1024]` product), so event durations
+  alone would leave out most matmul time. This is the time the step waits for each op: ops
+  that run at the same time on different threads both count, and an op queued behind another
+  is charged the wait. Sorted by time, largest first.
   """
   import tempfile  # pylint: disable=import-outside-toplevel
   lines, bodies = _hlo_lines(compiled.as_text())
@@ -328,9 +329,12 @@ def op_profile(compiled, call: Callable[[], Any], *, steps: int = 3) -> list[dic
 
 def _op_rows(events, lines: Mapping[str, str], bodies: Mapping[str, str],
              steps: int) -> list[dict[str, Any]]:
-  """`op_profile`'s rows from trace events `(name, start_ns, duration_ns)`: each run of an HLO
-  op lasts from its start to its own end or, if later, the next unused `end: <op>` marker
-  after its start (the runs of one op never overlap, so the k-th marker closes the k-th run)."""
+  """`op_profile`'s rows from trace events `(name, start_ns, duration_ns)`.
+
+  Each execution of an HLO op is the op's events (one, or one per thread that ran a part of it)
+  up to its completion marker `end: <op>`, and lasts from the first event's start to the later
+  of the marker and the events' ends. An op without a marker lasts its events' durations.
+  """
   starts: dict[str, list[tuple[int, int]]] = {}
   ends: dict[str, list[int]] = {}
   for name, start, duration in events:
@@ -340,14 +344,16 @@ def _op_rows(events, lines: Mapping[str, str], bodies: Mapping[str, str],
       starts.setdefault(name, []).append((start, start + duration))
   totals: dict[str, float] = {}
   for name, runs in starts.items():
-    marks = sorted(ends.get(name, []))
-    i = 0
-    for start, stop in sorted(runs):
-      while i < len(marks) and marks[i] < start:
+    runs.sort()
+    i, total = 0, 0
+    for mark in sorted(ends.get(name, [])):
+      first = i
+      while i < len(runs) and runs[i][0] <= mark:
         i += 1
-      done = marks[i] if i < len(marks) else stop
-      i += i < len(marks)
-      totals[name] = totals.get(name, 0.0) + max(stop, done) - start
+      if i > first:  # the events of one execution, closed by this marker
+        total += max(mark, max(stop for _, stop in runs[first:i])) - runs[first][0]
+    total += sum(stop - start for start, stop in runs[i:])
+    totals[name] = total
   rows = [{'op': name, 'ms': ns / steps / 1e6, 'category': categorize(name, lines[name], bodies),
            'hlo': lines[name][:200]} for name, ns in totals.items()]
   return sorted(rows, key=lambda r: -r['ms'])
