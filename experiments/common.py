@@ -306,12 +306,11 @@ def op_profile(compiled, call: Callable[[], Any], *, steps: int = 3) -> list[dic
 
   Traces `steps` calls with `jax.profiler` and reads the trace back with
   `jax.profiler.ProfileData`; each op is named by its HLO instruction and given a category
-  from its (fused) computation. An op's time runs from its start to its completion marker
-  (`end: <op>`): XLA:CPU hands a large matmul to Eigen's thread pool and its trace event closes
-  at the hand-off (0.1 ms for a 12 ms `[4096, 256] x [256, 1024]` product), so event durations
-  alone would leave out most matmul time. This is the time the step waits for each op: ops
-  that run at the same time on different threads both count, and an op queued behind another
-  is charged the wait. Sorted by time, largest first.
+  from its (fused) computation. A matrix product's time runs from its start to its completion
+  marker (`end: <op>`): XLA:CPU hands a large matmul to Eigen's thread pool and its trace event
+  closes at the hand-off (0.1 ms for a 12 ms `[4096, 256] x [256, 1024]` product), so its event
+  alone would leave out most of its time. Other ops count their trace events (for a loop
+  fusion split across threads, the parts in the trace). Sorted by time, largest first.
   """
   import tempfile  # pylint: disable=import-outside-toplevel
   lines, bodies = _hlo_lines(compiled.as_text())
@@ -331,9 +330,10 @@ def _op_rows(events, lines: Mapping[str, str], bodies: Mapping[str, str],
              steps: int) -> list[dict[str, Any]]:
   """`op_profile`'s rows from trace events `(name, start_ns, duration_ns)`.
 
-  Each execution of an HLO op is the op's events (one, or one per thread that ran a part of it)
-  up to its completion marker `end: <op>`, and lasts from the first event's start to the later
-  of the marker and the events' ends. An op without a marker lasts its events' durations.
+  A matrix product lasts from its event's start to its completion marker `end: <op>` (the k-th
+  marker closes the k-th execution): XLA:CPU hands it to Eigen's thread pool, whose work is not
+  in the trace. Any other op lasts its events' durations: its completion marker can come much
+  later only because the op waited for a thread.
   """
   starts: dict[str, list[tuple[int, int]]] = {}
   ends: dict[str, list[int]] = {}
@@ -342,20 +342,16 @@ def _op_rows(events, lines: Mapping[str, str], bodies: Mapping[str, str],
       ends.setdefault(name[5:], []).append(start + duration)
     elif name in lines:  # HLO ops only (not the executor's own spans)
       starts.setdefault(name, []).append((start, start + duration))
-  totals: dict[str, float] = {}
+  rows = []
   for name, runs in starts.items():
+    category = categorize(name, lines[name], bodies)
+    marks = sorted(ends.get(name, [])) if category == 'matmul' else []
     runs.sort()
-    i, total = 0, 0
-    for mark in sorted(ends.get(name, [])):
-      first = i
-      while i < len(runs) and runs[i][0] <= mark:
-        i += 1
-      if i > first:  # the events of one execution, closed by this marker
-        total += max(mark, max(stop for _, stop in runs[first:i])) - runs[first][0]
-    total += sum(stop - start for start, stop in runs[i:])
-    totals[name] = total
-  rows = [{'op': name, 'ms': ns / steps / 1e6, 'category': categorize(name, lines[name], bodies),
-           'hlo': lines[name][:200]} for name, ns in totals.items()]
+    total = 0
+    for k, (start, stop) in enumerate(runs):
+      total += max(stop, marks[k] if k < len(marks) else stop) - start
+    rows.append({'op': name, 'ms': total / steps / 1e6, 'category': category,
+                 'hlo': lines[name][:200]})
   return sorted(rows, key=lambda r: -r['ms'])
 
 

@@ -260,17 +260,17 @@ def test_hlo_op_categories():
 
 
 def test_op_times_run_to_the_completion_marker():
-  """An op launched asynchronously (its event closes at once) lasts until its `end:` marker;
-  each run of a repeated op is closed by its own marker; without a marker, its own duration."""
-  lines = {'dot.1': 'f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}',
-           'add.2': 'f32[8]{0} add(%a, %b)', 'copy.3': 'f32[8]{0} copy(%a)'}
+  """A matmul handed to the thread pool (its event closes at once) lasts until its `end:`
+  marker, each execution closed by its own; other ops last their events, however late their
+  markers (they waited for a thread)."""
+  lines = {'dot.1': '%dot.1 = f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}',
+           'add.2': '%add.2 = f32[8]{0} add(%a, %b)'}
   events = [('dot.1', 0, 100), ('ThunkExecutor::Execute', 0, 5000), ('end: dot.1', 1000, 0),
-            ('add.2', 2000, 300), ('end: add.2', 2290, 0),     # marker just inside its event
-            ('add.2', 5000, 200), ('add.2', 5010, 150),        # a run in two parts (threads)
-            ('end: add.2', 5250, 0),                           # closed by one marker
-            ('copy.3', 6000, 50)]                              # no marker
+            ('dot.1', 3000, 50), ('end: dot.1', 3400, 0),      # a second run, its own marker
+            ('add.2', 2000, 300), ('end: add.2', 2900, 0),     # waited: still 300
+            ('add.2', 5000, 200)]                              # no marker
   rows = {r['op']: r['ms'] for r in common._op_rows(events, lines, {}, steps=1)}
-  assert rows == pytest.approx({'dot.1': 1000 / 1e6, 'add.2': 550 / 1e6, 'copy.3': 50 / 1e6})
+  assert rows == pytest.approx({'dot.1': 1400 / 1e6, 'add.2': 500 / 1e6})
 
 
 def test_wandb_is_optional_and_logs_table_plot_summary(monkeypatch, tmp_path):

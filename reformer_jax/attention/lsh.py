@@ -606,18 +606,24 @@ def _sort_slots(buckets: jax.Array, mask: jax.Array | None, total_buckets: int):
   if (total_buckets + 1) * slots <= np.iinfo(np.int32).max:
     # One int32 array holding (round-offset bucket, position), keys all distinct: XLA:CPU
     # sorts it much faster than the (key, slot) pair with its comparator.
-    position = jnp.arange(slots, dtype=jnp.int32) % length
-    packed = jax.lax.sort(keyed * length + position)
-    sort_idx = packed // length // (total_buckets + 1) * length + packed % length
+    slot = jnp.arange(slots, dtype=jnp.uint32)
+    packed = jax.lax.sort(keyed * length + (slot % length).astype(jnp.int32))
+    # Each round's keys sort after the previous round's, so round r fills sorted slots
+    # [r * length, (r + 1) * length): only the position needs unpacking, a remainder taken
+    # unsigned (an AND for a power-of-two length). XLA fuses this unpacking into every gather by
+    # the sorted order, once per gathered element, so it has to stay this cheap.
+    pos = (packed.astype(jnp.uint32) % length).astype(jnp.int32)
+    sort_idx = (slot - slot % length).astype(jnp.int32) + pos
   else:  # too many buckets x slots for one int32: the stable pair sort
     ticker = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), keyed.shape)
     _, sort_idx = jax.lax.sort((keyed, ticker), num_keys=1)
+    pos = sort_idx % length
   # The inverse permutation by a scatter (undo[sort_idx[s]] = s): linear, where a second sort
   # cost as much as the first.
   undo_idx = jax.vmap(lambda idx: jnp.zeros_like(idx).at[idx].set(
       jnp.arange(slots, dtype=idx.dtype), unique_indices=True, mode='promise_in_bounds'))(
           sort_idx.reshape(-1, slots)).reshape(sort_idx.shape)
-  return sort_idx, undo_idx, sort_idx % length
+  return sort_idx, undo_idx, pos
 
 
 def _attend_heads(qk_t, v_t, buckets, mask, *, total_buckets, chunk_len, before, after, causal,
