@@ -286,8 +286,9 @@ def time_cases(cases: list[tuple[dict, list]], args,
 
   Every round times each reference (the matmul, the chunk matmuls; best of `REFERENCE_CALLS`
   back-to-back calls) and every function once (a function whose warm-up says its repeats would
-  overrun `--budget-s` sits out the later rounds). Interleaving puts all points under the same background load, and each sample's
-  round is recorded (`fwd_bwd_rounds`) so `summarize` can compare points within a round.
+  overrun `--budget-s` sits out the later rounds). Interleaving puts all points under the same
+  background load, and each sample's round is recorded (`fwd_bwd_rounds`) so `summarize` can
+  compare points within a round.
   Returns each reference's samples (seconds), one per round.
   """
   budget: dict[tuple[int, str], int] = {}

@@ -306,11 +306,8 @@ def op_profile(compiled, call: Callable[[], Any], *, steps: int = 3) -> list[dic
 
   Traces `steps` calls with `jax.profiler` and reads the trace back with
   `jax.profiler.ProfileData`; each op is named by its HLO instruction and given a category
-  from its (fused) computation. A matrix product's time runs from its start to its completion
-  marker (`end: <op>`): XLA:CPU hands a large matmul to Eigen's thread pool and its trace event
-  closes at the hand-off (0.1 ms for a 12 ms `[4096, 256] x [256, 1024]` product), so its event
-  alone would leave out most of its time. Other ops count their trace events (for a loop
-  fusion split across threads, the parts in the trace). Sorted by time, largest first.
+  from its (fused) computation and timed as `_op_rows` says (matrix products to their
+  completion markers). Sorted by time, largest first.
   """
   import tempfile  # pylint: disable=import-outside-toplevel
   lines, bodies = _hlo_lines(compiled.as_text())
@@ -331,8 +328,10 @@ def _op_rows(events, lines: Mapping[str, str], bodies: Mapping[str, str],
   """`op_profile`'s rows from trace events `(name, start_ns, duration_ns)`.
 
   A matrix product lasts from its event's start to its completion marker `end: <op>` (the k-th
-  marker closes the k-th execution): XLA:CPU hands it to Eigen's thread pool, whose work is not
-  in the trace. Any other op lasts its events' durations: its completion marker can come much
+  marker closes the k-th execution): XLA:CPU hands a large one to Eigen's thread pool, whose
+  work is not in the trace, and closes its event at the hand-off (0.1 ms for a 12 ms
+  `[4096, 256] x [256, 1024]` product). Any other op lasts its events' durations (for a loop
+  fusion split across threads, the parts in the trace): its completion marker can come much
   later only because the op waited for a thread.
   """
   starts: dict[str, list[tuple[int, int]]] = {}

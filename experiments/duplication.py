@@ -15,8 +15,10 @@ and `eval_full_self` on the same fixed evaluation set.
 `full` is the Reformer's shared-QK full attention: a token attends to its own key only when no
 other key is allowed, the rule LSH attention follows (a token's own key would otherwise win
 almost every query). `full_self` drops that rule, as plain attention applied to a shared
-query/key does: the row trains with it, the column evaluates with it. The paper uses chunks of 64 at length 1024 (16 chunks); at a
-smaller length the chunk length keeps that ratio (`--chunk-len`, default length / 16).
+query/key does: the row trains with it, the column evaluates with it.
+
+The paper uses chunks of 64 at length 1024 (16 chunks); at a smaller length the chunk length
+keeps that ratio (`--chunk-len`, default length / 16).
 
 Writes `--out` (JSON), a Markdown table (`.md`) and a heatmap (`.png`) next to it, rows = training attention,
 columns = evaluation attention, cells = accuracy on the second copy:

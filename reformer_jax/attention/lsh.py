@@ -607,13 +607,14 @@ def _sort_slots(buckets: jax.Array, mask: jax.Array | None, total_buckets: int):
     # One int32 array holding (round-offset bucket, position), keys all distinct: XLA:CPU
     # sorts it much faster than the (key, slot) pair with its comparator.
     slot = jnp.arange(slots, dtype=jnp.uint32)
-    packed = jax.lax.sort(keyed * length + (slot % length).astype(jnp.int32))
+    position = slot % length
+    packed = jax.lax.sort(keyed * length + position.astype(jnp.int32))
     # Each round's keys sort after the previous round's, so round r fills sorted slots
     # [r * length, (r + 1) * length): only the position needs unpacking, a remainder taken
     # unsigned (an AND for a power-of-two length). XLA fuses this unpacking into every gather by
     # the sorted order, once per gathered element, so it has to stay this cheap.
     pos = (packed.astype(jnp.uint32) % length).astype(jnp.int32)
-    sort_idx = (slot - slot % length).astype(jnp.int32) + pos
+    sort_idx = (slot - position).astype(jnp.int32) + pos
   else:  # too many buckets x slots for one int32: the stable pair sort
     ticker = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), keyed.shape)
     _, sort_idx = jax.lax.sort((keyed, ticker), num_keys=1)
