@@ -329,10 +329,10 @@ def _op_rows(events, lines: Mapping[str, str], bodies: Mapping[str, str],
 
   A matrix product lasts from its event's start to its completion marker `end: <op>` (the k-th
   marker closes the k-th execution): XLA:CPU hands a large one to Eigen's thread pool, whose
-  work is not in the trace, and closes its event at the hand-off (0.1 ms for a 12 ms
-  `[4096, 256] x [256, 1024]` product). Any other op lasts its events' durations (for a loop
-  fusion split across threads, the parts in the trace): its completion marker can come much
-  later only because the op waited for a thread.
+  work is not in the trace, and closes its event at the hand-off, long before the product is
+  done. Any other op lasts its events' durations (for a loop fusion split across threads, the
+  parts in the trace): its completion marker can come much later only because the op waited
+  for a thread.
   """
   starts: dict[str, list[tuple[int, int]]] = {}
   ends: dict[str, list[int]] = {}
