@@ -7,9 +7,9 @@ and `reformer_jax.evaluate` share.
     reply, = generate_replies(model, [prompt.ids], options, jax.random.PRNGKey(0))
 
 Loading. `config.json` gives the model and `data.seq_len`, `tokenizer.model` the pieces, and only
-the parameters of the checkpoint are restored (`Checkpointer.restore_params`, an Orbax partial
-restore into `jax.eval_shape` of `train.init_params`): no optimizer state is built or read. A
-workdir without a config, tokenizer or checkpoint raises `ModelLoadError`, whose message says
+the parameters of the checkpoint (the newest, `--step=N`, or `--step=best`: the lowest validation
+loss) are restored (`Checkpointer.restore_params`, an Orbax partial restore into
+`jax.eval_shape` of `train.init_params`): no optimizer state is built or read. A workdir without a config, tokenizer or checkpoint raises `ModelLoadError`, whose message says
 what is missing and how to get it.
 
 Prompts are the training rows (`data.encode_dialogue`): id 0 (the model reads its inputs
@@ -43,7 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from reformer_jax import checkpointing, data, decode, storage, train
+from reformer_jax import checkpointing, data, decode, storage, tracking, train
 from reformer_jax.data.dialogues import SPEAKER_LABELS, SYSTEM, Dialogue
 from reformer_jax.data.tokenizer import EOS_ID, PAD_ID, TOKENIZER_FILENAME, SentencePieceTokenizer
 from reformer_jax.model_config import ModelConfig
@@ -53,6 +53,7 @@ MIN_PROMPT_TOKENS = 16      # what a prompt keeps at least: a label and a few wo
 MIN_PROMPT_WIDTH = 64       # prompts are padded to 64, 128, 256, ... (one compilation each)
 _LABEL = re.compile('|'.join(rf'{re.escape(label)}\s*:' for label in SPEAKER_LABELS.values()))
 TRAIN_HINT = 'python -m reformer_jax.main --config=configs/chatbot.py --workdir=DIR'
+BEST = 'best'               # --step=best: the checkpoint with the lowest validation loss
 
 
 class ModelLoadError(Exception):
@@ -85,17 +86,54 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--workdir', required=True,
                       help='workdir of a dialogue training run (config.json, tokenizer.model, '
                            'checkpoints/)')
-  parser.add_argument('--step', type=int, default=None,
-                      help='checkpoint step to load; default: the newest')
+  parser.add_argument('--step', type=step_arg, default=None,
+                      help="checkpoint step to load, or 'best': the kept checkpoint with the "
+                           'lowest validation loss (eval/loss in metrics.jsonl); default: the '
+                           'newest')
   parser.add_argument('--hash_seed', type=int, default=None,
                       help="seed of the fixed LSH rotations; default: the config's "
                            'model.hash_seed, else 0')
 
 
-def load_model(workdir: str | os.PathLike[str], *, step: int | None = None,
+def step_arg(text: str) -> int | str:
+  """`--step`: a checkpoint step, or 'best'."""
+  if text == BEST:
+    return BEST
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--step={text}: pass a checkpoint step (an integer) or "
+                                     f"'{BEST}'") from None
+
+
+def best_step(workdir: str | os.PathLike[str], steps: Sequence[int]) -> int:
+  """Of the checkpoint `steps`, the one with the lowest validation loss: `eval/loss` of
+  `<workdir>/metrics.jsonl` at that step (the last record of a step, if a resumed run logged it
+  again). Ties go to the earlier step.
+
+  Raises:
+    ModelLoadError: no metrics.jsonl, or no checkpoint step has a validation loss.
+  """
+  try:
+    records = tracking.read_metrics(workdir)
+  except FileNotFoundError:
+    raise ModelLoadError(f'--step={BEST} needs {tracking.METRICS_FILE} in {workdir} (training '
+                         f'writes it); pass --step= one of {sorted(steps)}') from None
+  losses = {r['step']: r['eval/loss'] for r in records if 'eval/loss' in r}
+  scored = sorted((losses[s], s) for s in steps if s in losses)
+  if not scored:
+    raise ModelLoadError(
+        f'--step={BEST}: none of the checkpoints {sorted(steps)} of {workdir} has a validation '
+        f'loss in {tracking.METRICS_FILE} (evaluated steps: {sorted(losses) or "none"}); train '
+        f'with config.eval_every_steps a multiple of config.checkpoint_every_steps and '
+        f'config.max_checkpoints_to_keep=0, or pass --step= one of {sorted(steps)}')
+  return scored[0][1]
+
+
+def load_model(workdir: str | os.PathLike[str], *, step: int | str | None = None,
                hash_seed: int | None = None, task: str = 'dialogue') -> DialogueModel:
-  """Restores the parameters of checkpoint `step` (default: the newest) of a `task` run
-  ('dialogue', or 'translation' for an encoder-decoder).
+  """Restores the parameters of checkpoint `step` (default: the newest; 'best': `best_step`)
+  of a `task` run ('dialogue', or 'translation' for an encoder-decoder).
 
   Raises:
     ModelLoadError: no such workdir, no config.json, not a dialogue run, no tokenizer.model, no
@@ -139,7 +177,7 @@ def load_model(workdir: str | os.PathLike[str], *, step: int | None = None,
     steps = checkpointer.all_steps()
     if not steps:
       raise _no_checkpoint(checkpointer.directory)
-    step = max(steps) if step is None else step
+    step = max(steps) if step is None else best_step(workdir, steps) if step == BEST else step
     if step not in steps:
       raise ModelLoadError(f'no checkpoint {step} in {checkpointer.directory}: pass --step= one '
                            f'of {sorted(steps)}')

@@ -7,6 +7,7 @@ about); the rest use the tiny chatbot trained once per session (conftest.py).
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 
@@ -162,6 +163,28 @@ def test_load_model_says_what_is_missing(tmp_path, chat_workdir):
   (tmp_path / 'config.json').write_text(json.dumps(config))
   with pytest.raises(inference.ModelLoadError, match="data.task='duplication'"):
     inference.load_model(tmp_path)
+
+
+def test_best_step_is_the_kept_checkpoint_with_the_lowest_validation_loss(tmp_path):
+  records = [{'step': 100, 'train/loss': 0.1}, {'step': 500, 'eval/loss': 2.0},
+             {'step': 1000, 'eval/loss': 1.5}, {'step': 1500, 'eval/loss': 1.2},
+             {'step': 1000, 'eval/loss': 1.1},  # a resumed run evaluated step 1000 again
+             {'step': 2000, 'eval_full/loss': 0.1}, {'step': 2000, 'eval/loss': 1.3}]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  assert inference.best_step(tmp_path, [500, 1000, 1500, 2000]) == 1000
+  assert inference.best_step(tmp_path, [500, 1500, 2000]) == 1500  # 1000 was not kept
+  assert inference.best_step(tmp_path, [100, 2000, 2500]) == 2000  # only 2000 was evaluated
+  with pytest.raises(inference.ModelLoadError, match=r'evaluated steps: \[500, 1000, 1500, 2000\]'):
+    inference.best_step(tmp_path, [100, 2500])
+  with pytest.raises(inference.ModelLoadError, match='needs metrics.jsonl'):
+    inference.best_step(tmp_path / 'elsewhere', [100])
+  assert inference.step_arg('best') == 'best' and inference.step_arg('1500') == 1500
+  with pytest.raises(argparse.ArgumentTypeError, match="--step=last: pass a checkpoint step"):
+    inference.step_arg('last')
+
+
+def test_load_model_best_step(chat_workdir):
+  assert inference.load_model(chat_workdir, step='best').step == CHAT_STEPS
 
 
 def test_decode_options_name_the_bad_flag(chat_workdir):
