@@ -8,12 +8,17 @@ optionally, their `reformer_jax.evaluate` results, as one JSON file and a plot.
         --out experiments/results/translation_curves.json
 
 `--run NAME=PATH` takes a workdir or a `metrics.jsonl` file; `--eval NAME=FILE` adds that run's
-test result (step, perplexity, BLEU, ROUGE-L) to the table and the legend.
+test result (step, perplexity, BLEU, ROUGE-L) to the table and the legend. Runs named
+`GROUP/LABEL` (several seeds of one setting: `--run reversible/seed0=... --run
+reversible/seed1=...`) are also summarized per group: the mean and sample standard deviation of
+their best value of the metric and of their test BLEU (one colour per group in the plot).
 
 Writes JSON:
     {"machine": {...} | null, "command": str, "metric": str,
      "runs": {NAME: {"source", "steps": [...], METRIC: [...], "best_step", "best", "final_step",
-                     "train_steps": [...], "train/loss": [...], "test": {...} | null}}}
+                     "train_steps": [...], "train/loss": [...], "test": {...} | null}},
+     "groups": {GROUP: {"runs": [NAME, ...], "n", "best_mean", "best_std", "bleu_mean",
+                        "bleu_std", "bleu_n"}}}   (std: null for one run; bleu_*: runs with a test)
 and a PNG next to it. `machine` is the machine named by the first `--eval` file (the machine
 the evaluation ran on), else null: metrics.jsonl does not record it.
 """
@@ -71,15 +76,47 @@ def read_curves(path: pathlib.Path, metric: str) -> dict[str, Any]:
           'train_steps': sorted(train), 'train/loss': [train[s] for s in sorted(train)]}
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+  if not values:
+    return None, None
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return mean, None
+  return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def summarize_groups(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per `GROUP` of the runs named `GROUP/LABEL`: mean and sample std of their best metric
+  value and of their test BLEU. Runs without a '/' form no group."""
+  groups: dict[str, list[str]] = {}
+  for name in runs:
+    group, sep, label = name.partition('/')
+    if sep and group and label:
+      groups.setdefault(group, []).append(name)
+  out = {}
+  for group, names in groups.items():
+    best_mean, best_std = _mean_std([runs[n]['best'] for n in names])
+    bleus = [runs[n]['test']['bleu'] for n in names
+             if runs[n].get('test') and runs[n]['test'].get('bleu') is not None]
+    bleu_mean, bleu_std = _mean_std(bleus)
+    out[group] = {'runs': names, 'n': len(names), 'best_mean': best_mean, 'best_std': best_std,
+                  'bleu_mean': bleu_mean, 'bleu_std': bleu_std, 'bleu_n': len(bleus)}
+  return out
+
+
 def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
   plt = common.pyplot()
   metric = result['metric']
   fig, (ax, ax_train) = plt.subplots(1, 2, figsize=(12, 4.5))
+  colours = {}  # a run of a group takes the group's colour
   for name, run in result['runs'].items():
     test = run.get('test')
     label = name + (f" (test BLEU {test['bleu']:.1f} at step {test['step']:,})"
                     if test and test.get('bleu') is not None else '')
-    line, = ax.plot(run['steps'], run[metric], marker='o', ms=3, label=label)
+    group = name.partition('/')[0] if '/' in name else name
+    style = {'color': colours[group]} if group in colours else {}
+    line, = ax.plot(run['steps'], run[metric], marker='o', ms=3, label=label, **style)
+    colours.setdefault(group, line.get_color())
     ax.plot([run['best_step']], [run['best']], marker='*', ms=12, color=line.get_color())
     ax_train.plot(run['train_steps'], run['train/loss'], color=line.get_color(), label=name)
   ax.set_xlabel('step')
@@ -124,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for run in runs.values():
     run.setdefault('test', None)
   result = {'machine': machine, 'command': common.command_line('experiments.training_curves', argv),
-            'metric': args.metric, 'runs': runs}
+            'metric': args.metric, 'runs': runs, 'groups': summarize_groups(runs)}
   common.write_json(args.out, result)
   png = plot(result, args.out)
   rows = [{'run': name, 'final step': r['final_step'], f'final {args.metric}': r[args.metric][-1],
@@ -132,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            'test step': (r['test'] or {}).get('step'), 'test BLEU': (r['test'] or {}).get('bleu')}
           for name, r in runs.items()]
   print(common.markdown_table(rows, list(rows[0])))
+  if result['groups']:
+    fmt = lambda m, sd: '-' if m is None else f'{m:.3f}' + ('' if sd is None else f' ± {sd:.3f}')
+    print(common.markdown_table(
+        [{'group': g, 'runs': v['n'], f'best {args.metric}': fmt(v['best_mean'], v['best_std']),
+          'test BLEU': fmt(v['bleu_mean'], v['bleu_std'])} for g, v in result['groups'].items()],
+        ['group', 'runs', f'best {args.metric}', 'test BLEU']))
   print(f'wrote {args.out} and {png}')
   return result
 

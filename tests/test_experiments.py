@@ -187,6 +187,21 @@ def test_training_curves(tmp_path, capsys):
                           '--out', str(out)])
   with pytest.raises(SystemExit, match='no metrics.jsonl'):
     training_curves.main(['--run', f'a={tmp_path / "missing"}', '--out', str(out)])
+  assert result['groups'] == {}  # no GROUP/LABEL names
+  # Seeds of one setting, named GROUP/LABEL: mean and sample std per group.
+  b_eval = tmp_path / 'b_test.json'
+  b_eval.write_text(json.dumps({'step': 300, 'bleu': 31.5}))
+  result = training_curves.main([
+      '--run', f'x/s0={tmp_path / "a"}', '--run', f'x/s1={tmp_path / "b"}', '--run',
+      f'y/s0={tmp_path / "b"}', '--run', f'c={tmp_path / "a"}', '--eval', f'x/s0={evaluation}',
+      '--eval', f'x/s1={b_eval}', '--out', str(out)])
+  x, y = result['groups']['x'], result['groups']['y']
+  assert set(result['groups']) == {'x', 'y'} and x['runs'] == ['x/s0', 'x/s1']
+  assert (x['n'], x['bleu_n'], y['n'], y['bleu_n']) == (2, 2, 1, 0)
+  assert x['best_mean'] == pytest.approx(4.4) and x['best_std'] == pytest.approx(0.32 ** 0.5)
+  assert x['bleu_mean'] == pytest.approx(31.0) and x['bleu_std'] == pytest.approx(0.5 ** 0.5)
+  assert (y['best_mean'], y['best_std'], y['bleu_mean']) == (4.8, None, None)
+  assert '| x | 2 | 4.400 ± 0.566 | 31.000 ± 0.707 |' in capsys.readouterr().out
 
 def test_memory_contract(tmp_path, monkeypatch):
   # Two layers count as too slow to run: those points keep their compiled analysis and a note.
