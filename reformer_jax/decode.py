@@ -1,4 +1,5 @@
-"""Cached incremental decoding for `ReformerLM` and the strategies built on it.
+"""Cached incremental decoding for `ReformerLM` (and the decoder of `ReformerEncoderDecoder`) and
+the strategies built on it.
 
 Axis legend: B batch, K beams, P prompt length, T new tokens, V vocabulary, D model width,
 N heads, H head dim, R hash rounds, W cache slots.
@@ -29,6 +30,11 @@ is overwritten); nothing else is wiped.
   Tests bound the resulting logit distance by the distance between two hash seeds of the model.
   The bucket count is `ModelConfig.n_buckets`, or when unset `default_n_buckets(W, chunk_len)`
   (what the model picks for a sequence of W tokens).
+
+Encoder-decoder: `encode_source` encodes the source once and projects it to every decoder
+layer's cross-attention keys and values; `decode_step(..., source=...)` then runs each decoder
+layer's self-attention (cached as above), cross-attention over the source and feed-forward.
+`translate` is beam search on it.
 
 Positions are absolute per row (the count of real tokens the row has consumed), so a batch of
 prompts of different lengths, left- or right-padded with a mask, decodes exactly as each prompt
@@ -101,16 +107,19 @@ def _n_buckets(cfg: ModelConfig, window: int):
   return cfg.n_buckets or default_n_buckets(window, min(cfg.chunk_len, window))
 
 
-def init_cache(cfg: ModelConfig, batch: int, cache_len: int | None = None) -> Cache:
-  """An empty cache for `batch` rows; `cache_len` sets W of full and LSH layers."""
-  layers = []
-  for i in range(cfg.n_layers):
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int | None = None, *,
+               layers: int | None = None) -> Cache:
+  """An empty cache for `batch` rows; `cache_len` sets W of full and LSH layers. `layers`: the
+  self-attention layers (default `cfg.n_layers`; an encoder-decoder's decoder has
+  `cfg.decoder_layers`)."""
+  caches = []
+  for i in range(cfg.n_layers if layers is None else layers):
     w = layer_window(cfg, i, cache_len)
     kv = jnp.zeros((batch, cfg.n_heads, w, cfg.head_dim_), cfg.compute_dtype)
     buckets = (jnp.zeros((batch, cfg.n_heads, cfg.n_hashes, w), jnp.int32)
                if cfg.attention_type(i) == 'lsh' else None)
-    layers.append(LayerCache(kv, kv, jnp.full((batch, w), -1, jnp.int32), buckets))
-  return Cache(jnp.zeros((batch,), jnp.int32), tuple(layers))
+    caches.append(LayerCache(kv, kv, jnp.full((batch, w), -1, jnp.int32), buckets))
+  return Cache(jnp.zeros((batch,), jnp.int32), tuple(caches))
 
 
 def _hash_key(cfg: ModelConfig, hash_key: jax.Array | None) -> jax.Array | None:
@@ -168,6 +177,37 @@ def _attention_step(cfg: ModelConfig, layer: int, p, h, lc: LayerCache, length, 
   return out, LayerCache(k_cache, v_cache, pos, buckets)
 
 
+class Source(NamedTuple):
+  """An encoder-decoder's encoded source as its cross-attention layers read it: projected once,
+  before decoding."""
+  k: tuple[jax.Array, ...]   # per decoder layer, [B, N, S, H] keys
+  v: tuple[jax.Array, ...]   # per decoder layer, [B, N, S, H] values
+  mask: jax.Array            # [B, S] True at real source tokens
+
+
+def encode_source(cfg: ModelConfig, params, src: jax.Array, src_mask: jax.Array) -> Source:
+  """Encodes `[B, S]` source ids with a `ReformerEncoderDecoder(cfg)` and projects the result to
+  every decoder layer's cross-attention keys and values."""
+  model = ReformerEncoderDecoder(cfg)
+  encoded = model.apply({'params': params}, src, src_mask=src_mask, method=model.encode)
+  features = (cfg.n_heads, cfg.head_dim_)
+  project = lambda p: _dense(cfg, p, encoded, features).transpose(0, 2, 1, 3)
+  cross = [params['decoder'][f'cross_attention_{i}'] for i in range(cfg.decoder_layers)]
+  return Source(tuple(project(p['key']) for p in cross), tuple(project(p['value']) for p in cross),
+                src_mask)
+
+
+def _cross_step(cfg: ModelConfig, p, h, k, v, mask):
+  """One token of one cross-attention layer (`layers.CrossAttentionBlock`): `h [B, 1, D]` normed
+  input, `k, v [B, N, S, H]` from `encode_source` -> `[B, 1, D]`."""
+  q = _dense(cfg, p['query'], h, (cfg.n_heads, cfg.head_dim_)).transpose(0, 2, 1, 3)
+  out, _ = common.masked_attend(q, k, v, q_pos=jnp.zeros((1,), jnp.int32),
+                                k_pos=jnp.arange(k.shape[2]), k_valid=mask[:, None, None, :],
+                                causal=False, shared_qk=False, scale=cfg.head_dim_ ** -0.5)
+  out = out.astype(v.dtype).transpose(0, 2, 1, 3)  # [B, 1, N, H]
+  return _dense(cfg, p['out'], out, cfg.d_model, axis=(-2, -1))
+
+
 def _embed(cfg: ModelConfig, p, tokens, positions):
   """`[B]` ids at `[B]` positions -> `[B, 1, D]` (the model's `Embedding` at those positions)."""
   embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
@@ -200,9 +240,10 @@ def _head(cfg: ModelConfig, params, x):
 
 
 def decode_step(cfg: ModelConfig, params, cache: Cache, tokens: jax.Array, *,
-                real: jax.Array | None = None, hash_key: jax.Array | None = None
-                ) -> tuple[jax.Array, Cache]:
-  """Feeds one token per row through a `ReformerLM`.
+                real: jax.Array | None = None, hash_key: jax.Array | None = None,
+                source: Source | None = None) -> tuple[jax.Array, Cache]:
+  """Feeds one token per row through a `ReformerLM`, or with `source` through the decoder of a
+  `ReformerEncoderDecoder` (self-attention, cross-attention over the source, feed-forward).
 
   Args:
     cfg: the model's config.
@@ -212,6 +253,8 @@ def decode_step(cfg: ModelConfig, params, cache: Cache, tokens: jax.Array, *,
     real: `[B]` booleans, False for rows whose token is padding (not cached, position kept).
     hash_key: the key LSH rotations derive from (as `rng=` of `ReformerLM.apply`); defaults to
       `PRNGKey(cfg.hash_seed)`.
+    source: an encoder-decoder's `encode_source` (cache from `init_cache(...,
+      layers=cfg.decoder_layers)`); None for a `ReformerLM`.
   Returns:
     `[B, V]` float32 next-token logits (meaningless where `real` is False) and the new cache.
   """
@@ -228,13 +271,18 @@ def decode_step(cfg: ModelConfig, params, cache: Cache, tokens: jax.Array, *,
     return (streams[1], streams[0] + delta) if cfg.reversible else (streams[0] + delta,)
 
   layers = []
-  for i in range(cfg.n_layers):
-    block_key = None if stack_key is None else jax.random.fold_in(stack_key, 2 * i)  # Stack order
+  per_layer = 2 if source is None else 3  # blocks per layer, in `models.Stack` order
+  for i in range(len(cache.layers)):
+    block_key = None if stack_key is None else jax.random.fold_in(stack_key, per_layer * i)
     ap, fp = dec[f'attention_{i}'], dec[f'feed_forward_{i}']
     delta, lc = _attention_step(cfg, i, ap['attention'], _norm(cfg, ap['norm'], streams[-1]),
                                 cache.layers[i], cache.length, real, block_key)
     layers.append(lc)
     streams = add(streams, delta)
+    if source is not None:
+      cp = dec[f'cross_attention_{i}']
+      streams = add(streams, _cross_step(cfg, cp, _norm(cfg, cp['norm'], streams[-1]),
+                                         source.k[i], source.v[i], source.mask))
     ffp = {name: fp[name].astype(cfg.compute_dtype) for name in ('w1', 'b1', 'w2', 'b2')}
     streams = add(streams, feed_forward(ffp, _norm(cfg, fp['norm'], streams[-1])))
   x = (streams[0] + streams[1]) / 2 if cfg.reversible else streams[0]
@@ -499,10 +547,10 @@ def translate(cfg: ModelConfig, params, src: jax.Array, src_mask: jax.Array | No
               pad_id: int = PAD_ID):
   """Beam search with a `ReformerEncoderDecoder(cfg)` over `[B, S]` source ids.
 
-  The source is encoded once; every step reruns the decoder over the `[B * K, max_len]` target
-  prefix (causal, so the padding after the prefix does not matter) and extends the beams as
-  `beam_search` does (GNMT length penalty `alpha`, EOS ends a hypothesis). Without a cache each
-  step costs O(max_len) decoder positions: meant for sentence-length targets. K = 1 is greedy.
+  The source is encoded, and projected to each layer's cross-attention keys and values, once
+  (`encode_source`); the decoder then runs one token per step through `decode_step`'s cache
+  (the target starts with the shifted-in id 0, as in training) and extends the beams as
+  `beam_search` does (GNMT length penalty `alpha`, EOS ends a hypothesis). K = 1 is greedy.
 
   Returns:
     `(tokens [B, max_len], scores [B])` of the best hypothesis (`pad_id` after its EOS), and
@@ -521,29 +569,30 @@ def translate(cfg: ModelConfig, params, src: jax.Array, src_mask: jax.Array | No
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _translate(cfg, k, max_len, params, src, src_mask, settings):
   alpha, eos_id, pad_id = settings
-  model = ReformerEncoderDecoder(cfg)
   batch = src.shape[0]
-  variables = {'params': params}
-  encoded = model.apply(variables, src, src_mask=src_mask, method=model.encode)
-  encoded, src_mask = jnp.repeat(encoded, k, axis=0), jnp.repeat(src_mask, k, axis=0)
+  tile = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], a row's beams adjacent
+  source = jax.tree.map(tile, encode_source(cfg, params, src, src_mask))
 
   def cond(carry):
-    t, _, _, done, _ = carry
+    t, _, _, _, _, done, _ = carry
     return (t < max_len) & ~jnp.all(done)
 
   def body(carry):
-    t, logp, seqs, done, lengths = carry
-    prefix = jnp.pad(seqs.reshape(batch * k, max_len), ((0, 0), (1, 0)))[:, :max_len]
-    logits = model.apply(variables, prefix, encoded, src_mask=src_mask, method=model.decode)
-    last = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)  # [B * K, V]
-    _, _, logp, seqs, done, lengths = _beam_extend(last, logp, seqs, done, lengths, t,
-                                                   alpha=alpha, eos_id=eos_id, pad_id=pad_id)
-    return t + 1, logp, seqs, done, lengths
+    t, fed, cache, logp, seqs, done, lengths = carry
+    last, cache = decode_step(cfg, params, cache, fed, source=source)
+    parent, tokens, logp, seqs, done, lengths = _beam_extend(
+        last, logp, seqs, done, lengths, t, alpha=alpha, eos_id=eos_id, pad_id=pad_id)
+    rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)  # each beam's parent cache row
+    cache = jax.tree.map(lambda x: x[rows], cache)
+    return t + 1, tokens.reshape(-1), cache, logp, seqs, done, lengths
 
+  # Only beam 0 starts alive, so the first step does not pick K copies of one extension.
   logp = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1))
-  carry = (jnp.int32(0), logp, jnp.full((batch, k, max_len), pad_id, jnp.int32),
-           jnp.zeros((batch, k), bool), jnp.zeros((batch, k), jnp.int32))
-  _, logp, seqs, _, lengths = jax.lax.while_loop(cond, body, carry)
+  carry = (jnp.int32(0), jnp.zeros((batch * k,), jnp.int32),  # the shifted-in start id 0
+           init_cache(cfg, batch * k, max_len, layers=cfg.decoder_layers), logp,
+           jnp.full((batch, k, max_len), pad_id, jnp.int32), jnp.zeros((batch, k), bool),
+           jnp.zeros((batch, k), jnp.int32))
+  _, _, _, logp, seqs, _, lengths = jax.lax.while_loop(cond, body, carry)
   return _best_first(logp, seqs, lengths, alpha)
 
 

@@ -256,10 +256,10 @@ def test_decode_speed_script_contract(tmp_path):
   assert out.exists() and out.with_suffix('.png').read_bytes()[:4] == b'\x89PNG'
 
 
-def _translation_model():
+def _translation_model(**changes):
   cfg = ModelConfig(vocab_size=13, d_model=16, d_ff=32, n_heads=2, n_layers=1, n_decoder_layers=1,
                     max_len=8, attention_types=('full',), shared_qk=False,
-                    pos_embedding='learned')
+                    pos_embedding='learned').replace(**changes)
   model = ReformerEncoderDecoder(cfg)
   src = jnp.array([[3, 4, 5, 1, 0, 0], [7, 1, 0, 0, 0, 0]], jnp.int32)
   params = model.init(jax.random.PRNGKey(0), src, jnp.zeros((2, 8), jnp.int32),
@@ -292,3 +292,19 @@ def test_translate_beam_one_is_greedy_and_beams_score_their_sequences():
                                             src_mask=src[b:b + 1] != 0))
       total = float(sum(logp[0, t, tokens[t]] for t in range(n)))
       np.testing.assert_allclose(float(scores[b, j]), total, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('reversible', [True, False], ids=['reversible', 'standard'])
+def test_cached_translation_decoder_equals_full_recomputation(reversible):
+  """`decode_step` with an `encode_source` source: a target fed one token at a time gives the
+  logits of `ReformerEncoderDecoder.apply` on the whole target (two decoder layers, so the
+  reversible streams alternate through three blocks a layer; a padded source)."""
+  cfg, model, params, src = _translation_model(n_decoder_layers=2, reversible=reversible)
+  tgt = jnp.array([[0, 5, 6, 7, 2, 3, 9, 4], [0, 8, 1, 0, 0, 0, 0, 0]], jnp.int32)
+  full = model.apply({'params': params}, src, tgt, src_mask=src != 0)
+  source = decode.encode_source(cfg, params, src, src != 0)
+  cache = decode.init_cache(cfg, 2, 8, layers=cfg.decoder_layers)
+  assert len(cache.layers) == 2
+  for t in range(8):
+    logits, cache = decode.decode_step(cfg, params, cache, tgt[:, t], source=source)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, t]), rtol=1e-5, atol=1e-5)
