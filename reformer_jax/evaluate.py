@@ -37,6 +37,10 @@ Dialogue output fields: task, workdir, step, data, split, strategy, decode (all 
 n_dialogues, n_replies, n_tokens (scored tokens), n_reply_tokens, perplexity, loss, accuracy,
 reply_perplexity, bleu, bleu_signature, rouge_l, generation_seconds, replies_per_second, samples
 (the first `--num_samples` replies: dialogue id, turn, prompt, reference, generated).
+
+`--wandb auto|offline|online` also writes the scores into the training run's W&B run (resumed
+by the workdir's `wandb_run_id`) as summary fields `<split>/<field>` (`test/bleu`,
+`test/perplexity`, `test/step`, ...), so the W&B runs table compares runs by their test scores.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from reformer_jax import checkpointing, data, decode, inference, machine, train
+from reformer_jax import checkpointing, data, decode, inference, machine, tracking, train
 from reformer_jax.data.dialogues import Dialogue
 from reformer_jax.models import ReformerLM
 
@@ -290,8 +294,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help='rows per scoring and generation batch (default 16)')
   parser.add_argument('--num_samples', type=int, default=3,
                       help='generated replies to include in the output (default 3)')
+  parser.add_argument('--wandb', default='disabled', choices=tracking.WANDB_MODES,
+                      help="also put the scores in the training run's W&B run summary, as "
+                           "'<split>/<field>' (auto: online with an API key, else offline; "
+                           'default disabled)')
   inference.add_decode_flags(parser)
   return parser.parse_args(argv)
+
+
+def summary_fields(result: dict[str, Any]) -> dict[str, Any]:
+  """The result's scores as W&B summary fields: `<split>/<field>` for every finite number, the
+  checkpoint step and the decoding strategy."""
+  prefix = result.get('split') or 'eval'
+  fields = {f'{prefix}/{k}': v for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+  return {**fields, f'{prefix}/strategy': result['strategy']}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -324,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
   except (inference.ModelLoadError, ValueError, FileNotFoundError) as e:
     print(f'evaluate: {e}', file=sys.stderr)
     return 1
+  if args.wandb != 'disabled':
+    config = checkpointing.load_config_dict(args.workdir).get('wandb', {})
+    mode = tracking.log_evaluation(args.workdir, config, summary_fields(result), mode=args.wandb)
+    logging.info('Scores added to the W&B run summary of %s (%s).', args.workdir, mode)
   summary = {k: v for k, v in result.items() if isinstance(v, float)}
   logging.info('%s', ', '.join(f'{k} {v:.4g}' for k, v in summary.items()
                                if math.isfinite(v)))

@@ -155,6 +155,10 @@ class WandbWriter:
   def write_config(self, config: Mapping[str, Any]) -> None:
     self._run.config.update(dict(config), allow_val_change=True)
 
+  def write_summary(self, values: Mapping[str, Any]) -> None:
+    """Sets run summary fields (what the W&B runs table shows and compares)."""
+    self._run.summary.update(dict(values))
+
   def close(self) -> None:
     self._run.finish()
 
@@ -189,6 +193,26 @@ def create_writer(config, workdir: str | os.PathLike[str]) -> MetricWriter:
                                mode=mode, tags=tuple(config.wandb.tags), name=config.wandb.name,
                                config=config.to_dict()))
   return MultiWriter(writers)
+
+
+def log_evaluation(workdir: str | os.PathLike[str], wandb_config: Mapping[str, Any],
+                   values: Mapping[str, Any], *, mode: str) -> str:
+  """Adds an evaluation's scores to the summary of the training run's W&B run (the workdir's
+  `wandb_run_id`, resumed; a new run when the workdir has none), so runs compare by their test
+  scores in the W&B runs table. Summary fields, not history: the checkpoint's step may lie
+  before the run's last logged step, where W&B drops logged values. `wandb_config`: the run's
+  `config.wandb` (project, entity, tags, name). Returns the resolved mode."""
+  mode = wandb_mode(mode)
+  if mode == 'disabled':
+    return mode
+  writer = WandbWriter(workdir, project=wandb_config.get('project') or 'reformer-jax',
+                       entity=wandb_config.get('entity'), mode=mode,
+                       tags=tuple(wandb_config.get('tags') or ()), name=wandb_config.get('name'))
+  try:
+    writer.write_summary(values)
+  finally:
+    writer.close()
+  return mode
 
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -145,3 +145,33 @@ def test_translation_task_reports_perplexity_and_bleu(translation_workdir):
     evaluate.run(evaluate.parse_args(flags + ['--strategy=sample']))
   with pytest.raises(evaluate.inference.ModelLoadError, match="data.task='translation'"):
     evaluate.run(evaluate.parse_args([f'--workdir={translation_workdir}', '--max_dialogues=1']))
+
+
+def test_scores_go_to_the_training_runs_wandb_summary(translation_workdir, monkeypatch, capsys):
+  """--wandb: the finite numeric fields as `<split>/<field>` summary fields of the workdir's W&B
+  run, opened with the run's own W&B settings; disabled (the default) opens no run."""
+  opened = []
+
+  class FakeWriter:
+    def __init__(self, workdir, **kwargs):
+      opened.append({'workdir': str(workdir), **kwargs, 'summary': {}, 'closed': False})
+
+    def write_summary(self, values):
+      opened[-1]['summary'].update(values)
+
+    def close(self):
+      opened[-1]['closed'] = True
+
+  monkeypatch.setattr(evaluate.tracking, 'WandbWriter', FakeWriter)
+  flags = [f'--workdir={translation_workdir}', '--task=translation', '--max_pairs=2',
+           '--batch_size=2', '--strategy=greedy']
+  assert evaluate.main(flags) == 0 and opened == []
+  assert evaluate.main(flags + ['--wandb=offline']) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  (run,) = opened
+  assert run['workdir'] == str(translation_workdir) and run['mode'] == 'offline' and run['closed']
+  assert run['project'] == 'reformer-jax' and 'translation' in run['tags']
+  summary = run['summary']
+  assert summary['test/bleu'] == result['bleu'] and summary['test/step'] == 6
+  assert summary['test/perplexity'] == result['perplexity'] and summary['test/strategy'] == 'greedy'
+  assert not any(k.endswith(('/samples', '/decode', '/machine')) for k in summary)
