@@ -2,9 +2,9 @@
 optionally, their `reformer_jax.evaluate` results, as one JSON file and a plot.
 
     python -m experiments.training_curves \\
-        --run reversible=workdir/translation_rev --run standard=workdir/translation_std \\
-        --eval reversible=experiments/results/translation_reversible_test2016.json \\
-        --eval standard=experiments/results/translation_standard_test2016.json \\
+        --run reversible/seed0=workdir/translation_rev --run standard/seed0=workdir/translation_std \\
+        --eval reversible/seed0=experiments/results/translation_reversible_seed0_test2016.json \\
+        --eval standard/seed0=experiments/results/translation_standard_seed0_test2016.json \\
         --out experiments/results/translation_curves.json
 
 `--run NAME=PATH` takes a workdir or a `metrics.jsonl` file; `--eval NAME=FILE` adds that run's
