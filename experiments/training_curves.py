@@ -113,7 +113,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
     test = run.get('test')
     label = name + (f" (test BLEU {test['bleu']:.1f} at step {test['step']:,})"
                     if test and test.get('bleu') is not None else '')
-    group = name.partition('/')[0] if '/' in name else name
+    group = name.partition('/')[0]  # the whole name when it has no '/'
     style = {'color': colours[group]} if group in colours else {}
     line, = ax.plot(run['steps'], run[metric], marker='o', ms=3, label=label, **style)
     colours.setdefault(group, line.get_color())

@@ -488,6 +488,19 @@ def _beam_extend(last, logp, seqs, done, lengths, column, *, alpha, eos_id, pad_
   return parent, tokens, logp, seqs, parent_done | jnp.isin(tokens, eos_id), lengths
 
 
+def _tile_beams(tree, k: int):
+  """`[B, ...]` leaves -> `[B * K, ...]`, each row repeated for its K beams (adjacent)."""
+  return jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), tree)
+
+
+def _from_parents(tree, parent: jax.Array):
+  """`[B * K, ...]` beam rows (a row's beams adjacent) reordered so each beam takes its
+  `parent [B, K]`'s row."""
+  batch, k = parent.shape
+  rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)
+  return jax.tree.map(lambda x: x[rows], tree)
+
+
 def _best_first(logp, seqs, lengths, alpha):
   """Sorts each row's K hypotheses by length-penalized score: `(best, all)` as beam search returns."""
   scores = logp / length_penalty(lengths, alpha)
@@ -504,8 +517,7 @@ def _beam_search(cfg, k, max_new_tokens, cache_len, params, prompt, mask, hash_k
   alpha, eos_id, pad_id = settings
   batch, length = prompt.shape
   vocab = cfg.vocab_size
-  tile = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], a row's beams adjacent
-  prompt, mask = tile(prompt), tile(mask)
+  prompt, mask = _tile_beams((prompt, mask), k)
   own_rows = jnp.arange(batch * k).reshape(batch, k) % k
 
   def cond(carry):
@@ -522,9 +534,7 @@ def _beam_search(cfg, k, max_new_tokens, cache_len, params, prompt, mask, hash_k
     parent, tokens, logp, seqs, done, lengths = jax.lax.cond(
         in_prompt, lambda *a: (own_rows, jnp.zeros((batch, k), jnp.int32), *a[1:5]), select,
         last, logp, seqs, done, lengths, s)
-    rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)  # each beam's parent cache row
-    cache = jax.tree.map(lambda x: x[rows], cache)
-    last = last[rows]
+    cache, last = _from_parents((cache, last), parent)
     column = jnp.minimum(s, length - 1)
     fed = jnp.where(in_prompt, prompt[:, column], tokens.reshape(-1))
     real = jnp.where(in_prompt, mask[:, column], ~done.reshape(-1))
@@ -570,8 +580,7 @@ def translate(cfg: ModelConfig, params, src: jax.Array, src_mask: jax.Array | No
 def _translate(cfg, k, max_len, params, src, src_mask, settings):
   alpha, eos_id, pad_id = settings
   batch = src.shape[0]
-  tile = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], a row's beams adjacent
-  source = jax.tree.map(tile, encode_source(cfg, params, src, src_mask))
+  source = _tile_beams(encode_source(cfg, params, src, src_mask), k)
 
   def cond(carry):
     t, _, _, _, _, done, _ = carry
@@ -582,8 +591,7 @@ def _translate(cfg, k, max_len, params, src, src_mask, settings):
     last, cache = decode_step(cfg, params, cache, fed, source=source)
     parent, tokens, logp, seqs, done, lengths = _beam_extend(
         last, logp, seqs, done, lengths, t, alpha=alpha, eos_id=eos_id, pad_id=pad_id)
-    rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)  # each beam's parent cache row
-    cache = jax.tree.map(lambda x: x[rows], cache)
+    cache = _from_parents(cache, parent)
     return t + 1, tokens.reshape(-1), cache, logp, seqs, done, lengths
 
   # Only beam 0 starts alive, so the first step does not pick K copies of one extension.

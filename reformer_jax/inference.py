@@ -9,8 +9,9 @@ and `reformer_jax.evaluate` share.
 Loading. `config.json` gives the model and `data.seq_len`, `tokenizer.model` the pieces, and only
 the parameters of the checkpoint (the newest, `--step=N`, or `--step=best`: the lowest validation
 loss) are restored (`Checkpointer.restore_params`, an Orbax partial restore into
-`jax.eval_shape` of `train.init_params`): no optimizer state is built or read. A workdir without a config, tokenizer or checkpoint raises `ModelLoadError`, whose message says
-what is missing and how to get it.
+`jax.eval_shape` of `train.init_params`): no optimizer state is built or read. A workdir
+without a config, tokenizer or checkpoint raises `ModelLoadError`, whose message says what is
+missing and how to get it.
 
 Prompts are the training rows (`data.encode_dialogue`): id 0 (the model reads its inputs
 shifted right), then the sentencepiece tokens of `format_dialogue`'s "Person 1: <user> Person 2:
