@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reformer_jax.attention import common
+from reformer_jax.attention import common, cpu_kernel
 
 Buckets = int | Sequence[int] | None
 
@@ -713,6 +713,18 @@ def _chunk_masks(q_pos, k_valid, before, after, causal):
 
 
 def _attend_chunks_fwd(sqk, sv, q_pos, k_valid, before, after, causal):
+  if not cpu_kernel.applies(sqk, sv, before, after):
+    return _xla_chunks_fwd(sqk, sv, q_pos, k_valid, before, after, causal)
+
+  def kernel(sqk, sv, q_pos, k_valid):  # on CPU: chunk_attention.cc
+    out, lse, probs = cpu_kernel.forward(sqk, sv, q_pos, k_valid, before, after, causal)
+    return (out, lse), (sqk, sv, q_pos, k_valid, probs, out)
+  return jax.lax.platform_dependent(
+      sqk, sv, q_pos, k_valid, cpu=kernel,
+      default=functools.partial(_xla_chunks_fwd, before=before, after=after, causal=causal))
+
+
+def _xla_chunks_fwd(sqk, sv, q_pos, k_valid, before, after, causal):
   acc = common.accumulation_dtype(sv.dtype)
   keys = common.look_around(common.unit_normalize(sqk), before, after)
   logits = jnp.einsum('...qh,...kh->...qk', sqk, keys, preferred_element_type=acc)
@@ -737,6 +749,18 @@ def _unlook_around(x: jax.Array, before: int, after: int) -> jax.Array:
 
 
 def _attend_chunks_bwd(before, after, causal, residuals, cotangents):
+  sqk, sv = residuals[:2]
+  if not cpu_kernel.applies(sqk, sv, before, after):
+    return _xla_chunks_bwd(residuals, cotangents, before, after, causal)
+
+  def kernel(residuals, cotangents):
+    return (*cpu_kernel.backward(*residuals, *cotangents, before, after, causal), None, None)
+  return jax.lax.platform_dependent(
+      residuals, cotangents, cpu=kernel,
+      default=functools.partial(_xla_chunks_bwd, before=before, after=after, causal=causal))
+
+
+def _xla_chunks_bwd(residuals, cotangents, before, after, causal):
   sqk, sv, q_pos, k_valid, probs, out = residuals
   d_out, d_lse = cotangents
   acc = probs.dtype

@@ -1,0 +1,507 @@
+// LSH attention's chunk step on the CPU: what `lsh.attend_chunks` computes, forward and
+// backward, as two XLA FFI calls (built and registered by `cpu_kernel.py`).
+//
+// XLA:CPU runs each batched `[C, H] x [H, K]` chunk product of the XLA version as one Eigen call
+// per chunk on one thread (about 40% of a core's peak at C = H = 64), and materializes the
+// look-around windows, masks and probabilities between them. Here a chunk's whole step (its
+// products, masks and softmax) runs on one thread out of L1/L2, windows are read in place from
+// the neighbouring chunks, and chunks are spread over XLA's intra-op thread pool.
+//
+// Layout (row-major, float32), leading axes flattened into rows r:
+//   sqk [R, G, C, H], sv [R, G, C, Hv], q_pos [R, G, C] int32, k_valid [R, G, K] bool,
+//   K = (before + 1 + after) * C; window part j of chunk g is chunk (g - before + j) mod G.
+// Forward returns out [R, G, C, Hv], lse [R, G, C] and probs [R, G, C, K]; backward takes them
+// with d_out, d_lse and returns d_sqk, d_sv. C, H and Hv must be multiples of 16 (the Python
+// side falls back to XLA otherwise).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// common.MASK_VALUE, common.SELF_MASK_VALUE and unit_normalize's epsilon.
+constexpr float kMask = -1e9f;
+constexpr float kSelf = -5e4f;
+constexpr float kEps = 1e-6f;
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+inline v16 Load(const float* p) {
+  v16 x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline void Store(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
+inline i16 LoadInt(const int32_t* p) {
+  i16 x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline i16 LoadBool(const bool* p) {
+  uint8_t b[16];
+  std::memcpy(b, p, 16);
+  i16 x;
+  for (int i = 0; i < 16; ++i) x[i] = b[i];
+  return x;
+}
+inline float Sum(v16 x) {
+  float s = 0;
+  for (int i = 0; i < 16; ++i) s += x[i];
+  return s;
+}
+inline float Max(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// exp(x) to about 2 ulp for x >= -87 (Cody-Waite reduction, degree-6 polynomial); 0 below.
+inline v16 Exp(v16 x) {
+  const i16 under = x < -87.0f;
+  x = x < -87.0f ? v16{} - 87.0f : x;
+  x = x > 88.0f ? v16{} + 88.0f : x;
+  const v16 shift = v16{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  v16 n = (x * 1.44269504088896341f + shift) - shift;
+  v16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const v16 y = p * scale;
+  return under ? v16{} : y;
+}
+
+// Register tiles of the small products: up to kRows rows by kVecs vectors of 16 columns
+// (6 x 4 reached ~80% of a core's FMA peak at 64 x 64 x 64 here, 4 x 4 ~58%).
+#ifdef __AVX512F__
+constexpr int kRows = 6, kVecs = 4;  // 24 of the 32 zmm registers accumulate
+#else
+constexpr int kRows = 6, kVecs = 1;  // AVX2: 12 of the 16 ymm registers
+#endif
+
+// c[i, n] (+)= sum_k a[i, k] b[k, n] for i < R, n < 16 * V: `a` read with strides
+// (a_row, a_col), so a matrix or a transposed one; `b` and `c` row-major.
+template <int R, int V, bool kAcc>
+inline void Tile(int64_t depth, const float* a, int64_t a_row, int64_t a_col, const float* b,
+                 int64_t ldb, float* c, int64_t ldc) {
+  v16 acc[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = kAcc ? Load(c + i * ldc + 16 * v) : v16{};
+  for (int64_t k = 0; k < depth; ++k) {
+    v16 bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = Load(b + k * ldb + 16 * v);
+    for (int i = 0; i < R; ++i) {
+      const float s = a[i * a_row + k * a_col];
+      for (int v = 0; v < V; ++v) acc[i][v] += s * bv[v];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) Store(c + i * ldc + 16 * v, acc[i][v]);
+}
+
+// Rows [i, i + R) of the product, all columns: full-width tiles, then 16-column ones.
+template <int R, bool kAcc>
+inline void Rows(int64_t n, int64_t depth, const float* a, int64_t a_row, int64_t a_col,
+                 const float* b, int64_t ldb, float* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 16 * kVecs <= n; j += 16 * kVecs)
+    Tile<R, kVecs, kAcc>(depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+  for (; j < n; j += 16) Tile<R, 1, kAcc>(depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+}
+
+// C[M, N] (+)= A[M, D] B[D, N]; M a multiple of 2, N of 16.
+template <bool kAcc>
+void Gemm(int64_t m, int64_t n, int64_t depth, const float* a, int64_t a_row, int64_t a_col,
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kRows <= m; i += kRows)
+    Rows<kRows, kAcc>(n, depth, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc);
+  for (; i + 4 <= m; i += 4)
+    Rows<4, kAcc>(n, depth, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc);
+  for (; i < m; i += 2)
+    Rows<2, kAcc>(n, depth, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc);
+}
+
+// Runs fn(begin, end) over [0, n) in blocks on XLA's intra-op pool and the calling thread.
+// Workers that start after the work is gone return without touching `fn`, so the caller never
+// waits on a task the pool has not started (a pool of one thread cannot deadlock).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t block, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> active{0};
+    const F* fn;
+    int64_t n, block;
+  };
+  auto state = std::make_shared<State>();
+  state->fn = &fn;
+  state->n = n;
+  state->block = block;
+  auto work = [](State& s) {
+    s.active.fetch_add(1);
+    for (;;) {
+      const int64_t begin = s.next.fetch_add(s.block);
+      if (begin >= s.n) break;
+      (*s.fn)(begin, std::min(begin + s.block, s.n));
+    }
+    s.active.fetch_sub(1);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), (n + block - 1) / block) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state, work] { work(*state); });
+  work(*state);
+  while (state->active.load() != 0) std::this_thread::yield();
+}
+
+struct Dims {
+  int64_t rows, g, c, h, hv, parts, before, k;
+};
+
+Dims GetDims(const ffi::AnyBuffer::Dimensions& qk, const ffi::AnyBuffer::Dimensions& v,
+             int64_t before, int64_t after) {
+  Dims d;
+  const size_t rank = qk.size();
+  d.rows = 1;
+  for (size_t i = 0; i + 3 < rank; ++i) d.rows *= qk[i];
+  d.g = qk[rank - 3];
+  d.c = qk[rank - 2];
+  d.h = qk[rank - 1];
+  d.hv = v[v.size() - 1];
+  d.parts = before + 1 + after;
+  d.before = before;
+  d.k = d.parts * d.c;
+  return d;
+}
+
+ffi::Error CheckDims(const Dims& d) {
+  if (d.c % 16 || d.h % 16 || d.hv % 16)
+    return ffi::Error::InvalidArgument("chunk_len and head dims must be multiples of 16");
+  if (d.parts > 16) return ffi::Error::InvalidArgument("at most 16 chunks in a window");
+  return ffi::Error::Success();
+}
+
+// Chunk w of row r's unit-normalized keys, written transposed ([H, C]) or not ([C, H]), and
+// the inverse norms [C].
+void UnitKeys(const Dims& d, const float* x, float* unit, bool transposed, float* inv_norm) {
+  for (int64_t i = 0; i < d.c; ++i) {
+    const float* xi = x + i * d.h;
+    v16 ss{};
+    for (int64_t e = 0; e < d.h; e += 16) {
+      const v16 xv = Load(xi + e);
+      ss += xv * xv;
+    }
+    const float inv = 1.0f / std::sqrt(Sum(ss) + kEps);
+    if (inv_norm) inv_norm[i] = inv;
+    if (transposed) {
+      for (int64_t e = 0; e < d.h; ++e) unit[e * d.c + i] = xi[e] * inv;
+    } else {
+      for (int64_t e = 0; e < d.h; e += 16) Store(unit + i * d.h + e, Load(xi + e) * inv);
+    }
+  }
+}
+
+// The allowed and self masks of chunk (r, g)'s query i against its 16 window keys from
+// column kk on (all inside window part kk / C).
+struct Masks {
+  i16 allowed, self;
+};
+inline Masks ChunkMasks(const Dims& d, const int32_t* q_pos, const bool* k_valid, int64_t r,
+                        int64_t g, int64_t i, int64_t kk, bool causal) {
+  const int64_t j = kk / d.c;
+  const int64_t w = ((g - d.before + j) % d.g + d.g) % d.g;
+  const i16 kp = LoadInt(q_pos + (r * d.g + w) * d.c + kk % d.c);
+  const int32_t qp = q_pos[(r * d.g + g) * d.c + i];
+  i16 allowed = LoadBool(k_valid + (r * d.g + g) * d.k + kk) != 0;
+  if (causal) allowed &= kp <= qp;
+  return {allowed, kp == qp};
+}
+
+// A row's chunks go in blocks of about kBlock consecutive chunks, one block per task. A block
+// keeps its window chunks' normalized keys (and values) in a local cache: "offset" o of block
+// [g0, g1) is chunk g0 - before + o (mod G), o < g1 - g0 + before + after.
+constexpr int64_t kBlock = 16;
+
+struct Blocks {
+  int64_t per_row, count;
+  Blocks(const Dims& d) : per_row(std::max<int64_t>(1, d.g / kBlock)), count(d.rows * per_row) {}
+  // Block i of its row: chunks [begin, end), sizes differing by at most one (at least kBlock
+  // unless the row is shorter, so at least before + after when a row has several blocks).
+  int64_t begin(const Dims& d, int64_t i) const { return i * d.g / per_row; }
+  int64_t end(const Dims& d, int64_t i) const { return (i + 1) * d.g / per_row; }
+};
+
+inline int64_t Wrap(int64_t g, int64_t n) { return ((g % n) + n) % n; }
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv_b,
+                   ffi::Buffer<ffi::S32> q_pos_b, ffi::Buffer<ffi::PRED> k_valid_b,
+                   ffi::Result<ffi::AnyBuffer> out_b, ffi::Result<ffi::AnyBuffer> lse_b,
+                   ffi::Result<ffi::AnyBuffer> probs_b, int64_t before, int64_t after,
+                   bool causal) {
+  const Dims d = GetDims(sqk_b.dimensions(), sv_b.dimensions(), before, after);
+  if (ffi::Error e = CheckDims(d); e.failure()) return e;
+  const float* sqk = sqk_b.typed_data<float>();
+  const float* sv = sv_b.typed_data<float>();
+  const int32_t* q_pos = q_pos_b.typed_data();
+  const bool* k_valid = k_valid_b.typed_data();
+  float* out = out_b->typed_data<float>();
+  float* lse = lse_b->typed_data<float>();
+  float* probs = probs_b->typed_data<float>();
+  const Blocks blocks(d);
+  const int64_t chunk_qk = d.c * d.h, chunk_v = d.c * d.hv;
+
+  ParallelFor(pool, blocks.count, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> unit_t;  // transposed unit keys [offsets, H, C]
+    for (int64_t bi = first; bi < last; ++bi) {
+      const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
+      const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
+      const int64_t offsets = g1 - g0 + d.parts - 1;
+      unit_t.resize(offsets * chunk_qk);
+      for (int64_t o = 0; o < offsets; ++o)
+        UnitKeys(d, sqk + (r * d.g + Wrap(g0 - d.before + o, d.g)) * chunk_qk,
+                 unit_t.data() + o * chunk_qk, true, nullptr);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t t = r * d.g + g;
+        const float* q = sqk + t * chunk_qk;
+        float* p = probs + t * d.c * d.k;
+        for (int64_t j = 0; j < d.parts; ++j)  // logits = q k^T, window part j: offset g - g0 + j
+          Gemm<false>(d.c, d.c, d.h, q, d.h, 1, unit_t.data() + (g - g0 + j) * chunk_qk, d.c,
+                      p + j * d.c, d.k);
+        for (int64_t qi = 0; qi < d.c; ++qi) {
+          float* row = p + qi * d.k;
+          v16 mx = v16{} + kMask;
+          for (int64_t kk = 0; kk < d.k; kk += 16) {
+            const Masks m = ChunkMasks(d, q_pos, k_valid, r, g, qi, kk, causal);
+            v16 x = Load(row + kk);
+            x = m.self ? v16{} + kSelf : x;
+            x = m.allowed ? x : v16{} + kMask;
+            Store(row + kk, x);
+            mx = mx > x ? mx : x;
+          }
+          const float top = Max(mx);
+          v16 total{};
+          for (int64_t kk = 0; kk < d.k; kk += 16) {
+            const v16 e = Exp(Load(row + kk) - top);
+            Store(row + kk, e);
+            total += e;
+          }
+          const float sum = Sum(total);
+          lse[t * d.c + qi] = top + std::log(sum);
+          const float inv = 1.0f / sum;
+          for (int64_t kk = 0; kk < d.k; kk += 16) Store(row + kk, Load(row + kk) * inv);
+        }
+        float* o = out + t * chunk_v;
+        for (int64_t j = 0; j < d.parts; ++j) {  // out = p v
+          const float* v = sv + (r * d.g + Wrap(g - d.before + j, d.g)) * chunk_v;
+          if (j == 0)
+            Gemm<false>(d.c, d.hv, d.c, p, d.k, 1, v, d.hv, o, d.hv);
+          else
+            Gemm<true>(d.c, d.hv, d.c, p + j * d.c, d.k, 1, v, d.hv, o, d.hv);
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// d x of chunk t given its keys' gradient: (d k - k <k, d k>) / |x|, added into d_sqk.
+void AddUnitGradient(const Dims& d, const float* unit, const float* inv_norm, const float* dk,
+                     float* d_sqk) {
+  for (int64_t i = 0; i < d.c; ++i) {
+    v16 dot{};
+    for (int64_t e = 0; e < d.h; e += 16) dot += Load(unit + i * d.h + e) * Load(dk + i * d.h + e);
+    const float proj = Sum(dot), inv = inv_norm[i];
+    for (int64_t e = 0; e < d.h; e += 16) {
+      const v16 dx = (Load(dk + i * d.h + e) - Load(unit + i * d.h + e) * proj) * inv;
+      Store(d_sqk + i * d.h + e, Load(d_sqk + i * d.h + e) + dx);
+    }
+  }
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv_b,
+                    ffi::Buffer<ffi::S32> q_pos_b, ffi::Buffer<ffi::PRED> k_valid_b,
+                    ffi::AnyBuffer probs_b, ffi::AnyBuffer out_b, ffi::AnyBuffer d_out_b,
+                    ffi::AnyBuffer d_lse_b, ffi::Result<ffi::AnyBuffer> d_sqk_b,
+                    ffi::Result<ffi::AnyBuffer> d_sv_b, int64_t before, int64_t after,
+                    bool causal) {
+  const Dims d = GetDims(sqk_b.dimensions(), sv_b.dimensions(), before, after);
+  if (ffi::Error e = CheckDims(d); e.failure()) return e;
+  const float* sqk = sqk_b.typed_data<float>();
+  const float* sv = sv_b.typed_data<float>();
+  const int32_t* q_pos = q_pos_b.typed_data();
+  const bool* k_valid = k_valid_b.typed_data();
+  const float* probs = probs_b.typed_data<float>();
+  const float* out = out_b.typed_data<float>();
+  const float* d_out = d_out_b.typed_data<float>();
+  const float* d_lse = d_lse_b.typed_data<float>();
+  float* d_sqk = d_sqk_b->typed_data<float>();
+  float* d_sv = d_sv_b->typed_data<float>();
+  const Blocks blocks(d);
+  const int64_t chunk_qk = d.c * d.h, chunk_v = d.c * d.hv;
+  // A block's keys/values gradient is complete for its interior chunks [g0 + after, g1 - before)
+  // (no other block's window reaches them); for the `edge` offsets at either end, other blocks
+  // add to the same chunks, so those partial sums wait in `halo_*` for the second pass.
+  const int64_t edge = d.parts - 1;
+  std::vector<float> halo_k(blocks.count * 2 * edge * chunk_qk);
+  std::vector<float> halo_v(blocks.count * 2 * edge * chunk_v);
+  auto halo_slot = [&](int64_t offsets, int64_t o) { return o < edge ? o : o - offsets + 2 * edge; };
+
+  ParallelFor(pool, blocks.count, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> unit, inv_norm, v_t, dk, dv, ds(d.c * d.k);
+    for (int64_t bi = first; bi < last; ++bi) {
+      const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
+      const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
+      const int64_t offsets = g1 - g0 + edge;
+      unit.resize(offsets * chunk_qk);
+      inv_norm.resize(offsets * d.c);
+      v_t.resize(offsets * chunk_v);
+      dk.assign(offsets * chunk_qk, 0.0f);
+      dv.assign(offsets * chunk_v, 0.0f);
+      for (int64_t o = 0; o < offsets; ++o) {
+        const int64_t w = r * d.g + Wrap(g0 - d.before + o, d.g);
+        UnitKeys(d, sqk + w * chunk_qk, unit.data() + o * chunk_qk, false,
+                 inv_norm.data() + o * d.c);
+        const float* v = sv + w * chunk_v;
+        float* vt = v_t.data() + o * chunk_v;
+        for (int64_t qi = 0; qi < d.c; ++qi)
+          for (int64_t e = 0; e < d.hv; ++e) vt[e * d.c + qi] = v[qi * d.hv + e];
+      }
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t t = r * d.g + g;
+        const float* p = probs + t * d.c * d.k;
+        const float* dout = d_out + t * chunk_v;
+        const float* q = sqk + t * chunk_qk;
+        for (int64_t j = 0; j < d.parts; ++j)  // d probs = d_out v^T
+          Gemm<false>(d.c, d.c, d.hv, dout, d.hv, 1, v_t.data() + (g - g0 + j) * chunk_v, d.c,
+                      ds.data() + j * d.c, d.k);
+        for (int64_t qi = 0; qi < d.c; ++qi) {  // d logits = p (d probs - <d_out, out> + d_lse)
+          v16 dot{};
+          for (int64_t e = 0; e < d.hv; e += 16)
+            dot += Load(dout + qi * d.hv + e) * Load(out + t * chunk_v + qi * d.hv + e);
+          const float delta = Sum(dot) - d_lse[t * d.c + qi];
+          float* row = ds.data() + qi * d.k;
+          for (int64_t kk = 0; kk < d.k; kk += 16) {
+            const Masks m = ChunkMasks(d, q_pos, k_valid, r, g, qi, kk, causal);
+            const v16 x = Load(p + qi * d.k + kk) * (Load(row + kk) - delta);
+            Store(row + kk, (m.allowed & ~m.self) ? x : v16{});
+          }
+        }
+        float* dq = d_sqk + t * chunk_qk;
+        for (int64_t j = 0; j < d.parts; ++j) {
+          const int64_t o = g - g0 + j;
+          const float* ds_j = ds.data() + j * d.c;
+          if (j == 0)  // d q = d logits k
+            Gemm<false>(d.c, d.h, d.c, ds_j, d.k, 1, unit.data() + o * chunk_qk, d.h, dq, d.h);
+          else
+            Gemm<true>(d.c, d.h, d.c, ds_j, d.k, 1, unit.data() + o * chunk_qk, d.h, dq, d.h);
+          // d k += d logits^T q and d v += p^T d_out, for the chunk at offset o.
+          Gemm<true>(d.c, d.h, d.c, ds_j, 1, d.k, q, d.h, dk.data() + o * chunk_qk, d.h);
+          Gemm<true>(d.c, d.hv, d.c, p + j * d.c, 1, d.k, dout, d.hv, dv.data() + o * chunk_v,
+                     d.hv);
+        }
+      }
+      for (int64_t o = 0; o < offsets; ++o) {
+        const int64_t g = g0 - d.before + o;
+        if (g >= g0 + after && g < g1 - d.before) {  // interior: complete here
+          const int64_t t = r * d.g + g;
+          AddUnitGradient(d, unit.data() + o * chunk_qk, inv_norm.data() + o * d.c,
+                          dk.data() + o * chunk_qk, d_sqk + t * chunk_qk);
+          std::memcpy(d_sv + t * chunk_v, dv.data() + o * chunk_v, chunk_v * sizeof(float));
+        } else {
+          const int64_t s = bi * 2 * edge + halo_slot(offsets, o);
+          std::memcpy(&halo_k[s * chunk_qk], dk.data() + o * chunk_qk, chunk_qk * sizeof(float));
+          std::memcpy(&halo_v[s * chunk_v], dv.data() + o * chunk_v, chunk_v * sizeof(float));
+        }
+      }
+    }
+  });
+  if (edge == 0) return ffi::Error::Success();
+  // Chunks at block edges: the partial sums of this block and its neighbours (in its row, the
+  // first and last blocks neighbours through the wrap-around) that hold the same chunk.
+  ParallelFor(pool, blocks.count, 4, [&](int64_t first, int64_t last) {
+    std::vector<float> unit(chunk_qk), inv_norm(d.c), dk(chunk_qk);
+    for (int64_t bi = first; bi < last; ++bi) {
+      const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
+      const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
+      int64_t near[3] = {i, 0, 0}, n_near = 1;  // this block and its neighbours, once each
+      for (int64_t step : {-1, 1}) {
+        const int64_t b = Wrap(i + step, blocks.per_row);
+        if (std::find(near, near + n_near, b) == near + n_near) near[n_near++] = b;
+      }
+      for (int64_t g = g0; g < g1; ++g) {
+        if (g >= g0 + after && g < g1 - d.before) continue;
+        const int64_t t = r * d.g + g;
+        std::fill(dk.begin(), dk.end(), 0.0f);
+        float* dv = d_sv + t * chunk_v;
+        std::fill(dv, dv + chunk_v, 0.0f);
+        for (int64_t n = 0; n < n_near; ++n) {
+          const int64_t b2 = r * blocks.per_row + near[n];
+          const int64_t h0 = blocks.begin(d, near[n]), h1 = blocks.end(d, near[n]);
+          const int64_t offsets = h1 - h0 + edge;
+          for (int64_t o = 0; o < offsets; ++o) {
+            const int64_t h = h0 - d.before + o;
+            if (h >= h0 + after && h < h1 - d.before) continue;  // interior of that block
+            if (Wrap(h, d.g) != g) continue;
+            const int64_t s = b2 * 2 * edge + halo_slot(offsets, o);
+            for (int64_t e = 0; e < chunk_qk; e += 16)
+              Store(&dk[e], Load(&dk[e]) + Load(&halo_k[s * chunk_qk + e]));
+            for (int64_t e = 0; e < chunk_v; e += 16)
+              Store(dv + e, Load(dv + e) + Load(&halo_v[s * chunk_v + e]));
+          }
+        }
+        UnitKeys(d, sqk + t * chunk_qk, unit.data(), false, inv_norm.data());
+        AddUnitGradient(d, unit.data(), inv_norm.data(), dk.data(), d_sqk + t * chunk_qk);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ReformerChunkAttentionFwd, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("before")
+                                  .Attr<int64_t>("after")
+                                  .Attr<bool>("causal"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ReformerChunkAttentionBwd, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("before")
+                                  .Attr<int64_t>("after")
+                                  .Attr<bool>("causal"));

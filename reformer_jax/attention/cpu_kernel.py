@@ -1,0 +1,148 @@
+"""LSH attention's chunk step as a compiled CPU kernel (`chunk_attention.cc`, XLA FFI).
+
+`lsh.attend_chunks` runs each sorted chunk's attention over its look-around window. On CPU,
+XLA runs the batched `[C, H] x [H, K]` products of that step one chunk at a time on one thread
+and materializes windows, masks and probabilities in between; `chunk_attention.cc` does a
+chunk's whole step out of cache and spreads chunks over XLA's intra-op threads. It is compiled
+on first use with the machine's C++ compiler (`-O3 -march=native`, a few seconds) into a cache
+directory and registered as the FFI targets `reformer_chunk_attention_fwd` / `_bwd`.
+
+`REFORMER_JAX_CPU_KERNEL`: `auto` (default) uses the kernel where it applies (float32, chunk
+and head widths multiples of 16, the CPU backend) and falls back to the XLA version, with one
+warning, when no compiler is found or the build fails; `0` always uses XLA; `1` makes a failed
+build an error. `REFORMER_JAX_CACHE` overrides the cache directory
+(default `$XDG_CACHE_HOME/reformer_jax` or `~/.cache/reformer_jax`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name('chunk_attention.cc')
+FORWARD, BACKWARD = 'reformer_chunk_attention_fwd', 'reformer_chunk_attention_bwd'
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-ffp-contract=fast', '-fPIC', '-shared',
+         '-Wno-attributes', '-Wno-return-type')
+ENV = 'REFORMER_JAX_CPU_KERNEL'
+
+
+def mode() -> str:
+  """`REFORMER_JAX_CPU_KERNEL`, checked: 'auto', '0' or '1'."""
+  value = os.environ.get(ENV, 'auto').strip().lower() or 'auto'
+  if value not in ('auto', '0', '1'):
+    raise ValueError(f'{ENV}={value!r}: use auto (the kernel where it applies), 0 (always XLA) '
+                     'or 1 (the kernel, and an error if it cannot be built)')
+  return value
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get('REFORMER_JAX_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'reformer_jax')
+  return pathlib.Path(root) / 'kernels'
+
+
+def _cpu_flags() -> str:
+  """The CPU's feature flags (`-march=native` builds for them), or '' where unreadable."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      return next((line for line in f if line.startswith(('flags', 'Features'))), '')
+  except OSError:
+    return ''
+
+
+def _compiler() -> str | None:
+  return os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++') or shutil.which(
+      'clang++')
+
+
+def build() -> pathlib.Path:
+  """Compiles `chunk_attention.cc` (once per source, compiler, jaxlib and CPU) and returns the
+  shared library's path. Raises `RuntimeError` with the compiler's message when it fails."""
+  compiler = _compiler()
+  if compiler is None:
+    raise RuntimeError('no C++ compiler found (set CXX, or install g++)')
+  source = SOURCE.read_bytes()
+  key = hashlib.sha256(b'\0'.join([
+      source, compiler.encode(), ' '.join(FLAGS).encode(), jax.__version__.encode(),
+      _cpu_flags().encode()])).hexdigest()[:16]
+  target = cache_dir() / f'chunk_attention-{key}.so'
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    built = pathlib.Path(tmp) / target.name
+    command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(built)]
+    logging.info('Compiling the LSH chunk kernel: %s', ' '.join(command))
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-4000:]}')
+    os.replace(built, target)  # atomic: a concurrent build of the same key is the same file
+  return target
+
+
+@functools.cache
+def _load() -> bool:
+  """Builds and registers the kernel once per process; False (with a warning) if it cannot."""
+  try:
+    library = ctypes.CDLL(str(build()))
+  except (RuntimeError, OSError) as e:
+    if mode() == '1':
+      raise RuntimeError(f'{ENV}=1 but the LSH chunk kernel cannot be built: {e}') from e
+    logging.warning('LSH attention uses the XLA version of its chunk step on CPU (%s=auto): %s',
+                    ENV, e)
+    return False
+  jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(library.ReformerChunkAttentionFwd),
+                              platform='cpu')
+  jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.ReformerChunkAttentionBwd),
+                              platform='cpu')
+  return True
+
+
+def applies(sqk: jax.Array, sv: jax.Array, before: int, after: int) -> bool:
+  """Whether the kernel can run this chunk step: float32, `C`, `H` and `H_v` multiples of 16,
+  at most 16 chunks per window, not switched off, and built (compiling it on first call)."""
+  *_, chunk_len, head_dim = sqk.shape
+  if (mode() == '0' or sqk.dtype != jnp.float32 or sv.dtype != jnp.float32
+      or chunk_len % 16 or head_dim % 16 or sv.shape[-1] % 16 or before + 1 + after > 16):
+    return False
+  return _load()
+
+
+def _attrs(before: int, after: int, causal: bool) -> dict:
+  return dict(before=np.int64(before), after=np.int64(after), causal=bool(causal))
+
+
+def forward(sqk, sv, q_pos, k_valid, before: int, after: int, causal: bool):
+  """`(out, lse, probs)` of `lsh.attend_chunks` (shapes there; `probs [B, n, G, C, K]`)."""
+  *lead, groups, chunk_len, _ = sqk.shape
+  window = (before + 1 + after) * chunk_len
+  k_valid = jnp.broadcast_to(k_valid, (*lead, groups, window))
+  f32 = jnp.float32
+  shapes = (jax.ShapeDtypeStruct(sv.shape, f32),
+            jax.ShapeDtypeStruct((*lead, groups, chunk_len), f32),
+            jax.ShapeDtypeStruct((*lead, groups, chunk_len, window), f32))
+  return jax.ffi.ffi_call(FORWARD, shapes, vmap_method='broadcast_all')(
+      sqk, sv, q_pos.astype(jnp.int32), k_valid, **_attrs(before, after, causal))
+
+
+def backward(sqk, sv, q_pos, k_valid, probs, out, d_out, d_lse, before: int, after: int,
+             causal: bool):
+  """`(d_sqk, d_sv)` of `lsh.attend_chunks` given its forward's `probs`, `out` and cotangents."""
+  *lead, groups, chunk_len, _ = sqk.shape
+  k_valid = jnp.broadcast_to(k_valid, (*lead, groups, probs.shape[-1]))
+  shapes = (jax.ShapeDtypeStruct(sqk.shape, jnp.float32),
+            jax.ShapeDtypeStruct(sv.shape, jnp.float32))
+  return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='broadcast_all')(
+      sqk, sv, q_pos.astype(jnp.int32), k_valid, probs, out, d_out.astype(jnp.float32),
+      d_lse.astype(jnp.float32), **_attrs(before, after, causal))

@@ -1,0 +1,123 @@
+"""The compiled CPU chunk kernel (attention/chunk_attention.cc) against the XLA chunk step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reformer_jax import lsh_attention
+from reformer_jax.attention import common, cpu_kernel, lsh
+
+needs_compiler = pytest.mark.skipif(cpu_kernel._compiler() is None,  # pylint: disable=protected-access
+                                    reason='no C++ compiler to build the kernel')
+
+
+def _uses_kernel(fn, *args) -> bool:
+  return cpu_kernel.FORWARD in jax.jit(fn).lower(*args).as_text()
+
+
+def _chunk_inputs(n_chunks, before, after, chunk=16, dim=16, dim_v=32):
+  batch, heads = 2, 2
+  keys = jax.random.split(jax.random.PRNGKey(n_chunks), 6)
+  sqk = jax.random.normal(keys[0], (batch, heads, n_chunks, chunk, dim))
+  sv = jax.random.normal(keys[1], (batch, heads, n_chunks, chunk, dim_v))
+  # Two rounds, each holding every position once, as after sorting.
+  length = n_chunks * chunk // 2
+  pos = jax.vmap(lambda k: jax.random.permutation(k, length))(
+      jax.random.split(keys[2], batch * heads * 2))
+  q_pos = pos.reshape(batch, heads, n_chunks, chunk)
+  k_valid = common.neighbour_valid(n_chunks, n_chunks // 2, chunk, before, after)
+  pad = jax.random.bernoulli(keys[3], 0.8, (batch, heads, n_chunks, chunk))
+  k_valid = k_valid & common.look_around(pad, before, after)
+  d_out = jax.random.normal(keys[4], sv.shape)
+  d_lse = jax.random.normal(keys[5], q_pos.shape)
+  return sqk, sv, q_pos, k_valid, d_out, d_lse
+
+
+@needs_compiler
+@pytest.mark.parametrize('n_chunks,causal,before,after', [
+    (6, True, 1, 0),     # one block per row: every window wraps within it
+    (38, True, 1, 0),    # two blocks per row (19 chunks each): the halo pass joins them
+    (38, False, 1, 1),
+    (70, True, 2, 0),    # four blocks of 17 or 18
+    (38, False, 0, 0)])  # no neighbours
+def test_kernel_equals_xla_chunk_step(monkeypatch, n_chunks, causal, before, after):
+  sqk, sv, q_pos, k_valid, d_out, d_lse = _chunk_inputs(n_chunks, before, after)
+  # Rows whose keys are all masked (padding amid padding) attend uniformly in the kernel, while
+  # XLA's float32 logsumexp of -1e9 logits loses the log(K) and gives each key probability 1.
+  # Neither reaches a loss: such queries are padding, whose outputs get no gradient.
+  live = jnp.broadcast_to(jnp.any(lsh._chunk_masks(q_pos, k_valid, before, after, causal)[1], -1),  # pylint: disable=protected-access
+                          q_pos.shape)
+  assert float(live.mean()) > 0.5
+  d_out, d_lse = d_out * live[..., None], d_lse * live
+
+  def results(mode):  # a new function per mode: jit caches traces by function
+    def run(a, b):
+      (out, lse), vjp = jax.vjp(lambda a, b: lsh.attend_chunks(a, b, q_pos, k_valid, before,
+                                                               after, causal), a, b)
+      return (out, lse, *vjp((d_out, d_lse)))
+    monkeypatch.setenv(cpu_kernel.ENV, mode)
+    assert _uses_kernel(run, sqk, sv) == (mode == '1')
+    return jax.jit(run)(sqk, sv)
+
+  got, want = results('1'), results('0')
+  live = np.asarray(live)
+  for name, a, b in zip(['out', 'lse', 'd_sqk', 'd_sv'], got, want):
+    a, b = np.asarray(a), np.asarray(b)
+    if name in ('out', 'lse'):
+      a, b = a[live], b[live]
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+@needs_compiler
+@pytest.mark.parametrize('causal', [False, True])
+def test_lsh_attention_with_the_kernel_equals_xla(monkeypatch, causal):
+  """The whole LSH attention (hash, sort, chunk step, unsort, rounds) and its gradients."""
+  batch, length, heads, dim = 2, 256, 2, 16
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+  qk, v, cot = (jax.random.normal(k, (batch, length, heads, dim)) for k in keys)
+  mask = jnp.arange(length)[None, :] < jnp.array([[length], [length * 3 // 4]])
+  cot = cot * mask[:, :, None, None]
+  attend = functools.partial(lsh_attention, rng=jax.random.PRNGKey(5), n_hashes=2, n_buckets=8,
+                             chunk_len=16, causal=causal, mask=mask)
+
+  results = {}
+  for mode in ('1', '0'):
+    def run(qk, v):
+      out, vjp = jax.vjp(attend, qk, v)
+      return (out, *vjp(cot))
+    monkeypatch.setenv(cpu_kernel.ENV, mode)
+    assert _uses_kernel(run, qk, v) == (mode == '1')
+    results[mode] = jax.jit(run)(qk, v)
+  valid = np.asarray(mask)[:, :, None, None]
+  for got, want in zip(results['1'], results['0']):
+    np.testing.assert_allclose(np.asarray(got) * valid, np.asarray(want) * valid, rtol=2e-5,
+                               atol=2e-5)
+
+
+def test_kernel_applies_only_where_it_can(monkeypatch):
+  monkeypatch.setenv(cpu_kernel.ENV, '0')
+  x = jnp.zeros((1, 1, 4, 16, 16))
+  assert not cpu_kernel.applies(x, x, 1, 0)
+  monkeypatch.setenv(cpu_kernel.ENV, 'auto')
+  assert not cpu_kernel.applies(x.astype(jnp.bfloat16), x, 1, 0)  # float32 only
+  assert not cpu_kernel.applies(jnp.zeros((1, 1, 4, 8, 16)), x, 1, 0)  # chunk not a multiple of 16
+  assert not cpu_kernel.applies(x, jnp.zeros((1, 1, 4, 16, 8)), 1, 0)  # value width
+  monkeypatch.setenv(cpu_kernel.ENV, 'yes')
+  with pytest.raises(ValueError, match=cpu_kernel.ENV):
+    cpu_kernel.mode()
+
+
+def test_a_failed_build_falls_back_to_xla_or_raises_when_required(monkeypatch, tmp_path, caplog):
+  monkeypatch.setenv('REFORMER_JAX_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  monkeypatch.setattr(cpu_kernel, '_load', cpu_kernel._load.__wrapped__)  # pylint: disable=protected-access
+  x = jnp.zeros((1, 1, 4, 16, 16))
+  monkeypatch.setenv(cpu_kernel.ENV, 'auto')
+  assert not cpu_kernel.applies(x, x, 1, 0)
+  assert 'XLA version' in caplog.text
+  monkeypatch.setenv(cpu_kernel.ENV, '1')
+  with pytest.raises(RuntimeError, match='cannot be built'):
+    cpu_kernel.applies(x, x, 1, 0)
