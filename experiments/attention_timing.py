@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import common
+from reformer_jax import host_memory
 from reformer_jax.attention import local_attention, lsh_attention
 
 REGIMES = ('fixed_tokens', 'batch1')
@@ -571,6 +572,7 @@ def _flat(d: dict, prefix: str = '') -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # before the first computation
   if args.profile:
     return profile(args)
   return replot(args) if args.replot else run(args)

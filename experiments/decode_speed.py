@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import common
-from reformer_jax import decode
+from reformer_jax import decode, host_memory
 from reformer_jax.model_config import ModelConfig
 from reformer_jax.models import ReformerLM
 
@@ -130,6 +130,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # before the first computation
   config = {k: v for k, v in vars(args).items() if k != 'out'}
   result = {'machine': common.machine_info(), 'config': config, 'points': []}
   points = result['points']

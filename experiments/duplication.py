@@ -37,6 +37,7 @@ import time
 from typing import Any, Sequence
 
 from experiments import common
+from reformer_jax import host_memory
 
 DEFAULT_OUT = common.REPO_ROOT / 'experiments' / 'results' / 'duplication_cpu.json'
 TRAIN = ('full', 'full_self', 'lsh1', 'lsh2', 'lsh4')
@@ -127,6 +128,7 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: pathlib.Path) -> path
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # before the first computation
   from reformer_jax import train  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(args.workdir)
   rows = []

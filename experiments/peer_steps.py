@@ -31,10 +31,12 @@ Prints one line `PEER_RESULT {json}` with:
   optimizer and tokens in place), compile_s (reformer_jax: jit lowering + XLA compile; None for
   PyTorch), warmup_s (the excluded first steps), step_samples_s (the timed steps), loss,
   peak_rss_bytes (largest resident set during the timed steps: VmHWM reset just before them and
-  a 2 ms poll; before that, `malloc_trim(0)` hands back to the system what compilation and the
-  warm-up freed but glibc kept, alike for every implementation), peak_rss_with_warmup_bytes
-  (VmHWM over the whole process, compile and warm-up included, nothing trimmed), versions; or
-  note (why it did not run: not installed, out of memory).
+  a 2 ms poll; before the warm-up, `malloc_trim(0)` hands back to the system what compilation
+  freed but glibc kept, alike for every implementation), peak_rss_with_warmup_bytes (VmHWM over
+  the whole process, compile and warm-up included), page_faults_per_step (minor faults during
+  the timed steps), keeps_freed_memory (`reformer_jax.host_memory.keep_freed_memory` applied:
+  it is, for every implementation alike, where glibc allows), versions; or note (why it did not
+  run: not installed, out of memory).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import gc
 import json
 import math
 import os
+import resource
 import sys
 import time
 from typing import Any, Callable
@@ -268,13 +271,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     out.update(params=built.params, compile_s=built.compile_s)
     gc.collect()
     out['built_rss_bytes'] = rss.proc_status('VmRSS')
+    out['trimmed'] = rss.trim_allocator()
     warmup = [_timed(built.step) for _ in range(spec['warmup'])]
     gc.collect()
     out['peak_rss_with_warmup_bytes'] = rss.proc_status('VmHWM')
-    out['trimmed'] = rss.trim_allocator()
     reset = rss.reset_peak_rss()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with rss.RssSampler() as sampler:
       timed = [_timed(built.step) for _ in range(spec['steps'])]
+    out['page_faults_per_step'] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / spec['steps']
     hwm = rss.proc_status('VmHWM') if reset else 0
   except Exception as err:  # pylint: disable=broad-except
     if not _is_out_of_memory(err):
@@ -309,7 +315,10 @@ def main(argv: list[str]) -> None:
     raise SystemExit('usage: python -m experiments.peer_steps SPEC_JSON (run by experiments.peers)')
   spec = json.loads(argv[0])
   cores = pin_threads(spec['threads'])
+  from reformer_jax import host_memory  # pylint: disable=import-outside-toplevel
+  kept = host_memory.keep_freed_memory()  # every implementation alike
   result = measure(spec)
+  result['keeps_freed_memory'] = kept
   result['cores'] = cores
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 

@@ -27,9 +27,12 @@ reformer_jax the compilation happens before them and is reported as `compile_s`)
   step_s;
 * `peak_rss_bytes`: the largest, over repeats, peak resident set of the process during its timed
   steps (VmHWM reset just before them, and a 2 ms poll): framework runtime, compiled code,
-  parameters, optimizer state and the step's activations. Before the reset every process hands
-  back to the system what glibc kept of the memory compilation and warm-up freed
-  (`malloc_trim(0)`); `peak_rss_with_warmup_bytes` is the untrimmed peak of the whole process.
+  parameters, optimizer state and the step's activations. Before the warm-up every process hands
+  back to the system what glibc kept of the memory compilation freed (`malloc_trim(0)`);
+  `peak_rss_with_warmup_bytes` is the peak of the whole process. Every process, PyTorch's too,
+  runs with `reformer_jax.host_memory.keep_freed_memory()` (glibc keeps freed memory mapped, so
+  a step's large buffers are not faulted in afresh each step); `page_faults_per_step` counts the
+  minor page faults left in the timed steps;
   `runtime_rss_bytes` (after importing and starting the framework) is reported too, and
   `peak_above_runtime_bytes`, the peak less that;
 * `params`: its parameter count (they should agree to within the differences listed in
@@ -45,6 +48,7 @@ Writes `--out` (JSON) and a bar chart next to it (PNG); `--wandb` logs both to W
      "points": [{"implementation", "tokens_per_s", "step_s", "peak_rss_bytes", "params", "note",
                  "compile_s", "runtime_rss_bytes", "peak_above_runtime_bytes",
                  "peak_rss_with_warmup_bytes", "warmup_s", "step_samples_s", "loss", "versions",
+                 "page_faults_per_step", "keeps_freed_memory",
                  "repeats"}, ...],
      "ratios": {"tokens_per_s_vs_fastest_peer", "fastest_peer", "peak_memory_vs_smallest_peer",
                 "smallest_peer", "peak_above_runtime_vs_smallest_peer", "meets_target", ...}}
@@ -63,6 +67,7 @@ from typing import Any, Sequence
 
 from experiments import common
 from experiments.peer_steps import IMPLEMENTATIONS, RESULT_PREFIX
+from reformer_jax import host_memory
 
 DEFAULT_OUT = common.REPO_ROOT / 'experiments' / 'results' / 'peers_cpu.json'
 TARGET_SPEEDUP = 2.0        # reformer_jax tokens/s at least this times the fastest peer's
@@ -232,7 +237,9 @@ def summarize_runs(name: str, records: list[dict[str, Any]], spec: dict[str, Any
       runtime_rss_bytes=runtime, peak_above_runtime_bytes=peak - runtime,
       peak_rss_with_warmup_bytes=max(r['peak_rss_with_warmup_bytes'] for r in done),
       warmup_s=[r['warmup_s'] for r in done], step_samples_s=[r['step_samples_s'] for r in done],
-      loss=done[-1]['loss'], versions=done[0]['versions'], cores=done[0].get('cores'))
+      loss=done[-1]['loss'], versions=done[0]['versions'], cores=done[0].get('cores'),
+      page_faults_per_step=[r.get('page_faults_per_step') for r in done],
+      keeps_freed_memory=all(r.get('keeps_freed_memory') for r in done))
   return point
 
 
@@ -374,6 +381,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # before the first computation
   if args.profile:
     return profile(args)
   if args.replot:

@@ -28,7 +28,7 @@ from typing import Protocol
 
 import jax
 
-from reformer_jax import inference
+from reformer_jax import host_memory, inference
 from reformer_jax.data.dialogues import SPEAKER_LABELS, SYSTEM, USER
 
 QUIT = ('/quit', '/exit')
@@ -110,6 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # before the first computation
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                       format='%(levelname)s %(message)s', force=True)
   for stream in (sys.stdin, sys.stdout):  # undecodable input bytes must not end the chat

@@ -60,7 +60,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from reformer_jax import checkpointing, data, decode, inference, machine, tracking, train
+from reformer_jax import (checkpointing, data, decode, host_memory, inference, machine, tracking,
+                          train)
 from reformer_jax.data.dialogues import Dialogue
 from reformer_jax.models import ReformerLM
 
@@ -331,6 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # before the first computation
   logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                       format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S',
                       force=True)  # some imported library already configured the root logger

@@ -19,21 +19,24 @@ def _uses_kernel(fn, *args) -> bool:
 
 
 def _chunk_inputs(n_chunks, before, after, chunk=16, dim=16, dim_v=32):
+  """Unsorted rows, two rounds of sorted slots (each a permutation of the positions) and the
+  inverse permutation, masks and cotangents."""
   batch, heads = 2, 2
   keys = jax.random.split(jax.random.PRNGKey(n_chunks), 6)
-  sqk = jax.random.normal(keys[0], (batch, heads, n_chunks, chunk, dim))
-  sv = jax.random.normal(keys[1], (batch, heads, n_chunks, chunk, dim_v))
-  # Two rounds, each holding every position once, as after sorting.
   length = n_chunks * chunk // 2
+  qk_t = jax.random.normal(keys[0], (batch, heads, length, dim))
+  v_t = jax.random.normal(keys[1], (batch, heads, length, dim_v))
   pos = jax.vmap(lambda k: jax.random.permutation(k, length))(
-      jax.random.split(keys[2], batch * heads * 2))
+      jax.random.split(keys[2], batch * heads * 2)).reshape(batch, heads, 2 * length)
+  slot = pos + length * (jnp.arange(2 * length) // length)  # round-major slot of each sorted one
+  undo_idx = jnp.argsort(slot, axis=-1).astype(jnp.int32)
   q_pos = pos.reshape(batch, heads, n_chunks, chunk)
   k_valid = common.neighbour_valid(n_chunks, n_chunks // 2, chunk, before, after)
   pad = jax.random.bernoulli(keys[3], 0.8, (batch, heads, n_chunks, chunk))
   k_valid = k_valid & common.look_around(pad, before, after)
-  d_out = jax.random.normal(keys[4], sv.shape)
+  d_out = jax.random.normal(keys[4], (batch, heads, n_chunks, chunk, dim_v))
   d_lse = jax.random.normal(keys[5], q_pos.shape)
-  return sqk, sv, q_pos, k_valid, d_out, d_lse
+  return qk_t, v_t, q_pos, undo_idx, k_valid, d_out, d_lse
 
 
 @needs_compiler
@@ -43,8 +46,9 @@ def _chunk_inputs(n_chunks, before, after, chunk=16, dim=16, dim_v=32):
     (38, False, 1, 1),
     (70, True, 2, 0),    # four blocks of 17 or 18
     (38, False, 0, 0)])  # no neighbours
-def test_kernel_equals_xla_chunk_step(monkeypatch, n_chunks, causal, before, after):
-  sqk, sv, q_pos, k_valid, d_out, d_lse = _chunk_inputs(n_chunks, before, after)
+def test_kernel_equals_xla_chunk_step(n_chunks, causal, before, after):
+  qk_t, v_t, q_pos, undo_idx, k_valid, d_out, d_lse = _chunk_inputs(n_chunks, before, after)
+  assert cpu_kernel.applies(qk_t, v_t, q_pos.shape[-1], before, after)  # builds and registers it
   # Rows whose keys are all masked (padding amid padding) attend uniformly in the kernel, while
   # XLA's float32 logsumexp of -1e9 logits loses the log(K) and gives each key probability 1.
   # Neither reaches a loss: such queries are padding, whose outputs get no gradient.
@@ -53,18 +57,25 @@ def test_kernel_equals_xla_chunk_step(monkeypatch, n_chunks, causal, before, aft
   assert float(live.mean()) > 0.5
   d_out, d_lse = d_out * live[..., None], d_lse * live
 
-  def results(mode):  # a new function per mode: jit caches traces by function
-    def run(a, b):
-      (out, lse), vjp = jax.vjp(lambda a, b: lsh.attend_chunks(a, b, q_pos, k_valid, before,
-                                                               after, causal), a, b)
-      return (out, lse, *vjp((d_out, d_lse)))
-    monkeypatch.setenv(cpu_kernel.ENV, mode)
-    assert _uses_kernel(run, sqk, sv) == (mode == '1')
-    return jax.jit(run)(sqk, sv)
+  kernel = lambda a, b: lsh.attend_sorted_chunks(a, b, q_pos, undo_idx, k_valid, before, after,
+                                                  causal)
+  xla = lambda a, b: lsh.attend_chunks(lsh._sorted_chunks(a, q_pos), lsh._sorted_chunks(b, q_pos),  # pylint: disable=protected-access
+                                       q_pos, k_valid, before, after, causal)
 
-  got, want = results('1'), results('0')
+  def results(attend):
+    def run(a, b):
+      (out, lse), vjp = jax.vjp(attend, a, b)
+      return (out, lse, *vjp((d_out, d_lse)))
+    assert _uses_kernel(run, qk_t, v_t) == (attend is kernel)
+    return jax.jit(run)(qk_t, v_t)
+
+  got, want = results(kernel), results(xla)
   live = np.asarray(live)
-  for name, a, b in zip(['out', 'lse', 'd_sqk', 'd_sv'], got, want):
+  # Outside differentiation the kernel keeps no probabilities: the same outputs.
+  primal = jax.jit(kernel)(qk_t, v_t)
+  for a, b in zip(primal, got[:2]):
+    np.testing.assert_array_equal(np.asarray(a)[live], np.asarray(b)[live])
+  for name, a, b in zip(['out', 'lse', 'd_qk', 'd_v'], got, want):
     a, b = np.asarray(a), np.asarray(b)
     if name in ('out', 'lse'):
       a, b = a[live], b[live]
@@ -99,12 +110,16 @@ def test_lsh_attention_with_the_kernel_equals_xla(monkeypatch, causal):
 
 def test_kernel_applies_only_where_it_can(monkeypatch):
   monkeypatch.setenv(cpu_kernel.ENV, '0')
-  x = jnp.zeros((1, 1, 4, 16, 16))
-  assert not cpu_kernel.applies(x, x, 1, 0)
+  x = jnp.zeros((1, 1, 64, 16))
+  assert not cpu_kernel.applies(x, x, 16, 1, 0)
   monkeypatch.setenv(cpu_kernel.ENV, 'auto')
-  assert not cpu_kernel.applies(x.astype(jnp.bfloat16), x, 1, 0)  # float32 only
-  assert not cpu_kernel.applies(jnp.zeros((1, 1, 4, 8, 16)), x, 1, 0)  # chunk not a multiple of 16
-  assert not cpu_kernel.applies(x, jnp.zeros((1, 1, 4, 16, 8)), 1, 0)  # value width
+  if cpu_kernel._compiler() is not None:  # pylint: disable=protected-access
+    assert cpu_kernel.applies(x, x, 16, 1, 0)
+  assert not cpu_kernel.applies(x.astype(jnp.bfloat16), x, 16, 1, 0)  # float32 only
+  assert not cpu_kernel.applies(x, x, 8, 1, 0)  # chunk not a multiple of 16
+  assert not cpu_kernel.applies(jnp.zeros((1, 1, 64, 8)), x, 16, 1, 0)  # head width
+  assert not cpu_kernel.applies(x, jnp.zeros((1, 1, 64, 8)), 16, 1, 0)  # value width
+  assert not cpu_kernel.applies(x, x, 16, 16, 0)  # 17 chunks a window
   monkeypatch.setenv(cpu_kernel.ENV, 'yes')
   with pytest.raises(ValueError, match=cpu_kernel.ENV):
     cpu_kernel.mode()
@@ -114,10 +129,10 @@ def test_a_failed_build_falls_back_to_xla_or_raises_when_required(monkeypatch, t
   monkeypatch.setenv('REFORMER_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
   monkeypatch.setattr(cpu_kernel, '_load', cpu_kernel._load.__wrapped__)  # pylint: disable=protected-access
-  x = jnp.zeros((1, 1, 4, 16, 16))
+  x = jnp.zeros((1, 1, 64, 16))
   monkeypatch.setenv(cpu_kernel.ENV, 'auto')
-  assert not cpu_kernel.applies(x, x, 1, 0)
+  assert not cpu_kernel.applies(x, x, 16, 1, 0)
   assert 'XLA version' in caplog.text
   monkeypatch.setenv(cpu_kernel.ENV, '1')
   with pytest.raises(RuntimeError, match='cannot be built'):
-    cpu_kernel.applies(x, x, 1, 0)
+    cpu_kernel.applies(x, x, 16, 1, 0)

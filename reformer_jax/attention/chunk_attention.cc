@@ -7,12 +7,18 @@
 // products, masks and softmax) runs on one thread out of L1/L2, windows are read in place from
 // the neighbouring chunks, and chunks are spread over XLA's intra-op thread pool.
 //
+// The sorted chunks are gathered here, as they are read, from the unsorted inputs: sorted slot
+// (g, i) of row r is input row q_pos[r, g, i] of that row (XLA would first write the sorted
+// copies out and read them back in).
+//
 // Layout (row-major, float32), leading axes flattened into rows r:
-//   sqk [R, G, C, H], sv [R, G, C, Hv], q_pos [R, G, C] int32, k_valid [R, G, K] bool,
-//   K = (before + 1 + after) * C; window part j of chunk g is chunk (g - before + j) mod G.
-// Forward returns out [R, G, C, Hv], lse [R, G, C] and probs [R, G, C, K]; backward takes them
-// with d_out, d_lse and returns d_sqk, d_sv. C, H and Hv must be multiples of 16 (the Python
-// side falls back to XLA otherwise).
+//   qk [R, L, H], v [R, L, Hv] (unsorted), q_pos [R, G, C] int32 (each sorted slot's position in
+//   0 ... L - 1), k_valid [R, G, K] bool, K = (before + 1 + after) * C; window part j of chunk g
+//   is chunk (g - before + j) mod G.
+// Forward returns out [R, G, C, Hv], lse [R, G, C] and probs [R, G, C, K] (or, without
+// `save_probs`, a [1] placeholder); backward takes them with d_out, d_lse and returns d_sqk
+// [R, G, C, H] and d_sv [R, G, C, Hv] in sorted order. C, H and Hv must be multiples of 16 (the
+// Python side falls back to XLA otherwise).
 
 #include <algorithm>
 #include <atomic>
@@ -46,13 +52,6 @@ inline void Store(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
 inline i16 LoadInt(const int32_t* p) {
   i16 x;
   std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-inline i16 LoadBool(const bool* p) {
-  uint8_t b[16];
-  std::memcpy(b, p, 16);
-  i16 x;
-  for (int i = 0; i < 16; ++i) x[i] = b[i];
   return x;
 }
 inline float Sum(v16 x) {
@@ -171,18 +170,19 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t block, const F& fn) {
 }
 
 struct Dims {
-  int64_t rows, g, c, h, hv, parts, before, k;
+  int64_t rows, len, g, c, h, hv, parts, before, k;
 };
 
 Dims GetDims(const ffi::AnyBuffer::Dimensions& qk, const ffi::AnyBuffer::Dimensions& v,
-             int64_t before, int64_t after) {
+             const ffi::AnyBuffer::Dimensions& q_pos, int64_t before, int64_t after) {
   Dims d;
-  const size_t rank = qk.size();
+  const size_t rank = q_pos.size();
   d.rows = 1;
-  for (size_t i = 0; i + 3 < rank; ++i) d.rows *= qk[i];
-  d.g = qk[rank - 3];
-  d.c = qk[rank - 2];
-  d.h = qk[rank - 1];
+  for (size_t i = 0; i + 2 < rank; ++i) d.rows *= q_pos[i];
+  d.g = q_pos[rank - 2];
+  d.c = q_pos[rank - 1];
+  d.len = qk[qk.size() - 2];
+  d.h = qk[qk.size() - 1];
   d.hv = v[v.size() - 1];
   d.parts = before + 1 + after;
   d.before = before;
@@ -195,6 +195,15 @@ ffi::Error CheckDims(const Dims& d) {
     return ffi::Error::InvalidArgument("chunk_len and head dims must be multiples of 16");
   if (d.parts > 16) return ffi::Error::InvalidArgument("at most 16 chunks in a window");
   return ffi::Error::Success();
+}
+
+// Sorted chunk w of row r gathered from `x` ([R, L, width]) into `out` ([C, width]).
+void GatherChunk(const Dims& d, const float* x, int64_t width, const int32_t* q_pos, int64_t r,
+                 int64_t w, float* out) {
+  const int32_t* pos = q_pos + (r * d.g + w) * d.c;
+  const float* row = x + r * d.len * width;
+  for (int64_t i = 0; i < d.c; ++i)
+    std::memcpy(out + i * width, row + pos[i] * width, width * sizeof(float));
 }
 
 // Chunk w of row r's unit-normalized keys, written transposed ([H, C]) or not ([C, H]), and
@@ -217,18 +226,27 @@ void UnitKeys(const Dims& d, const float* x, float* unit, bool transposed, float
   }
 }
 
-// The allowed and self masks of chunk (r, g)'s query i against its 16 window keys from
-// column kk on (all inside window part kk / C).
+// Chunk (r, g)'s window keys: their original positions and validity (-1 or 0), `[K]` each,
+// read once per chunk so that each query's masks are two vector compares.
+void WindowKeys(const Dims& d, const int32_t* q_pos, const bool* k_valid, int64_t r, int64_t g,
+                int32_t* key_pos, int32_t* key_valid) {
+  for (int64_t j = 0; j < d.parts; ++j) {
+    const int64_t w = ((g - d.before + j) % d.g + d.g) % d.g;
+    std::memcpy(key_pos + j * d.c, q_pos + (r * d.g + w) * d.c, d.c * sizeof(int32_t));
+  }
+  const bool* valid = k_valid + (r * d.g + g) * d.k;
+  for (int64_t kk = 0; kk < d.k; ++kk) key_valid[kk] = valid[kk] ? -1 : 0;
+}
+
+// The allowed and self masks of a query at original position `qp` against the 16 window keys
+// from column kk on.
 struct Masks {
   i16 allowed, self;
 };
-inline Masks ChunkMasks(const Dims& d, const int32_t* q_pos, const bool* k_valid, int64_t r,
-                        int64_t g, int64_t i, int64_t kk, bool causal) {
-  const int64_t j = kk / d.c;
-  const int64_t w = ((g - d.before + j) % d.g + d.g) % d.g;
-  const i16 kp = LoadInt(q_pos + (r * d.g + w) * d.c + kk % d.c);
-  const int32_t qp = q_pos[(r * d.g + g) * d.c + i];
-  i16 allowed = LoadBool(k_valid + (r * d.g + g) * d.k + kk) != 0;
+inline Masks ChunkMasks(const int32_t* key_pos, const int32_t* key_valid, int32_t qp, int64_t kk,
+                        bool causal) {
+  const i16 kp = LoadInt(key_pos + kk);
+  i16 allowed = LoadInt(key_valid + kk);
   if (causal) allowed &= kp <= qp;
   return {allowed, kp == qp};
 }
@@ -253,8 +271,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
                    ffi::Buffer<ffi::S32> q_pos_b, ffi::Buffer<ffi::PRED> k_valid_b,
                    ffi::Result<ffi::AnyBuffer> out_b, ffi::Result<ffi::AnyBuffer> lse_b,
                    ffi::Result<ffi::AnyBuffer> probs_b, int64_t before, int64_t after,
-                   bool causal) {
-  const Dims d = GetDims(sqk_b.dimensions(), sv_b.dimensions(), before, after);
+                   bool causal, bool save_probs) {
+  const Dims d = GetDims(sqk_b.dimensions(), sv_b.dimensions(), q_pos_b.dimensions(), before,
+                         after);
   if (ffi::Error e = CheckDims(d); e.failure()) return e;
   const float* sqk = sqk_b.typed_data<float>();
   const float* sv = sv_b.typed_data<float>();
@@ -267,27 +286,36 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
   const int64_t chunk_qk = d.c * d.h, chunk_v = d.c * d.hv;
 
   ParallelFor(pool, blocks.count, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> unit_t;  // transposed unit keys [offsets, H, C]
+    std::vector<float> raw, unit_t, vals;  // [offsets, C, H], transposed [offsets, H, C], values
+    std::vector<float> scratch(save_probs ? 0 : d.c * d.k);  // one chunk's probabilities
+    std::vector<int32_t> key_pos(d.k), key_valid(d.k);
     for (int64_t bi = first; bi < last; ++bi) {
       const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
       const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
       const int64_t offsets = g1 - g0 + d.parts - 1;
+      raw.resize(offsets * chunk_qk);
       unit_t.resize(offsets * chunk_qk);
-      for (int64_t o = 0; o < offsets; ++o)
-        UnitKeys(d, sqk + (r * d.g + Wrap(g0 - d.before + o, d.g)) * chunk_qk,
-                 unit_t.data() + o * chunk_qk, true, nullptr);
+      vals.resize(offsets * chunk_v);
+      for (int64_t o = 0; o < offsets; ++o) {
+        const int64_t w = Wrap(g0 - d.before + o, d.g);
+        GatherChunk(d, sqk, d.h, q_pos, r, w, raw.data() + o * chunk_qk);
+        GatherChunk(d, sv, d.hv, q_pos, r, w, vals.data() + o * chunk_v);
+        UnitKeys(d, raw.data() + o * chunk_qk, unit_t.data() + o * chunk_qk, true, nullptr);
+      }
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t t = r * d.g + g;
-        const float* q = sqk + t * chunk_qk;
-        float* p = probs + t * d.c * d.k;
+        const float* q = raw.data() + (g - g0 + d.before) * chunk_qk;
+        float* p = save_probs ? probs + t * d.c * d.k : scratch.data();
+        WindowKeys(d, q_pos, k_valid, r, g, key_pos.data(), key_valid.data());
         for (int64_t j = 0; j < d.parts; ++j)  // logits = q k^T, window part j: offset g - g0 + j
           Gemm<false>(d.c, d.c, d.h, q, d.h, 1, unit_t.data() + (g - g0 + j) * chunk_qk, d.c,
                       p + j * d.c, d.k);
         for (int64_t qi = 0; qi < d.c; ++qi) {
           float* row = p + qi * d.k;
           v16 mx = v16{} + kMask;
+          const int32_t qp = q_pos[t * d.c + qi];
           for (int64_t kk = 0; kk < d.k; kk += 16) {
-            const Masks m = ChunkMasks(d, q_pos, k_valid, r, g, qi, kk, causal);
+            const Masks m = ChunkMasks(key_pos.data(), key_valid.data(), qp, kk, causal);
             v16 x = Load(row + kk);
             x = m.self ? v16{} + kSelf : x;
             x = m.allowed ? x : v16{} + kMask;
@@ -308,7 +336,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
         }
         float* o = out + t * chunk_v;
         for (int64_t j = 0; j < d.parts; ++j) {  // out = p v
-          const float* v = sv + (r * d.g + Wrap(g - d.before + j, d.g)) * chunk_v;
+          const float* v = vals.data() + (g - g0 + j) * chunk_v;
           if (j == 0)
             Gemm<false>(d.c, d.hv, d.c, p, d.k, 1, v, d.hv, o, d.hv);
           else
@@ -340,7 +368,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
                     ffi::AnyBuffer d_lse_b, ffi::Result<ffi::AnyBuffer> d_sqk_b,
                     ffi::Result<ffi::AnyBuffer> d_sv_b, int64_t before, int64_t after,
                     bool causal) {
-  const Dims d = GetDims(sqk_b.dimensions(), sv_b.dimensions(), before, after);
+  const Dims d = GetDims(sqk_b.dimensions(), sv_b.dimensions(), q_pos_b.dimensions(), before,
+                         after);
   if (ffi::Error e = CheckDims(d); e.failure()) return e;
   const float* sqk = sqk_b.typed_data<float>();
   const float* sv = sv_b.typed_data<float>();
@@ -363,21 +392,25 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
   auto halo_slot = [&](int64_t offsets, int64_t o) { return o < edge ? o : o - offsets + 2 * edge; };
 
   ParallelFor(pool, blocks.count, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> unit, inv_norm, v_t, dk, dv, ds(d.c * d.k);
+    std::vector<float> raw, unit, inv_norm, v_t, dk, dv, ds(d.c * d.k), v_rows(chunk_v);
+    std::vector<int32_t> key_pos(d.k), key_valid(d.k);
     for (int64_t bi = first; bi < last; ++bi) {
       const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
       const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
       const int64_t offsets = g1 - g0 + edge;
+      raw.resize(offsets * chunk_qk);
       unit.resize(offsets * chunk_qk);
       inv_norm.resize(offsets * d.c);
       v_t.resize(offsets * chunk_v);
       dk.assign(offsets * chunk_qk, 0.0f);
       dv.assign(offsets * chunk_v, 0.0f);
       for (int64_t o = 0; o < offsets; ++o) {
-        const int64_t w = r * d.g + Wrap(g0 - d.before + o, d.g);
-        UnitKeys(d, sqk + w * chunk_qk, unit.data() + o * chunk_qk, false,
+        const int64_t w = Wrap(g0 - d.before + o, d.g);
+        GatherChunk(d, sqk, d.h, q_pos, r, w, raw.data() + o * chunk_qk);
+        UnitKeys(d, raw.data() + o * chunk_qk, unit.data() + o * chunk_qk, false,
                  inv_norm.data() + o * d.c);
-        const float* v = sv + w * chunk_v;
+        GatherChunk(d, sv, d.hv, q_pos, r, w, v_rows.data());
+        const float* v = v_rows.data();
         float* vt = v_t.data() + o * chunk_v;
         for (int64_t qi = 0; qi < d.c; ++qi)
           for (int64_t e = 0; e < d.hv; ++e) vt[e * d.c + qi] = v[qi * d.hv + e];
@@ -386,7 +419,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
         const int64_t t = r * d.g + g;
         const float* p = probs + t * d.c * d.k;
         const float* dout = d_out + t * chunk_v;
-        const float* q = sqk + t * chunk_qk;
+        const float* q = raw.data() + (g - g0 + d.before) * chunk_qk;
+        WindowKeys(d, q_pos, k_valid, r, g, key_pos.data(), key_valid.data());
         for (int64_t j = 0; j < d.parts; ++j)  // d probs = d_out v^T
           Gemm<false>(d.c, d.c, d.hv, dout, d.hv, 1, v_t.data() + (g - g0 + j) * chunk_v, d.c,
                       ds.data() + j * d.c, d.k);
@@ -396,8 +430,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
             dot += Load(dout + qi * d.hv + e) * Load(out + t * chunk_v + qi * d.hv + e);
           const float delta = Sum(dot) - d_lse[t * d.c + qi];
           float* row = ds.data() + qi * d.k;
+          const int32_t qp = q_pos[t * d.c + qi];
           for (int64_t kk = 0; kk < d.k; kk += 16) {
-            const Masks m = ChunkMasks(d, q_pos, k_valid, r, g, qi, kk, causal);
+            const Masks m = ChunkMasks(key_pos.data(), key_valid.data(), qp, kk, causal);
             const v16 x = Load(p + qi * d.k + kk) * (Load(row + kk) - delta);
             Store(row + kk, (m.allowed & ~m.self) ? x : v16{});
           }
@@ -435,7 +470,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
   // Chunks at block edges: the partial sums of this block and its neighbours (in its row, the
   // first and last blocks neighbours through the wrap-around) that hold the same chunk.
   ParallelFor(pool, blocks.count, 4, [&](int64_t first, int64_t last) {
-    std::vector<float> unit(chunk_qk), inv_norm(d.c), dk(chunk_qk);
+    std::vector<float> raw(chunk_qk), unit(chunk_qk), inv_norm(d.c), dk(chunk_qk);
     for (int64_t bi = first; bi < last; ++bi) {
       const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
       const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
@@ -465,7 +500,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
               Store(dv + e, Load(dv + e) + Load(&halo_v[s * chunk_v + e]));
           }
         }
-        UnitKeys(d, sqk + t * chunk_qk, unit.data(), false, inv_norm.data());
+        GatherChunk(d, sqk, d.h, q_pos, r, g, raw.data());
+        UnitKeys(d, raw.data(), unit.data(), false, inv_norm.data());
         AddUnitGradient(d, unit.data(), inv_norm.data(), dk.data(), d_sqk + t * chunk_qk);
       }
     }
@@ -487,7 +523,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ReformerChunkAttentionFwd, Forward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("before")
                                   .Attr<int64_t>("after")
-                                  .Attr<bool>("causal"));
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("save_probs"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ReformerChunkAttentionBwd, Backward,
                               ffi::Ffi::Bind()

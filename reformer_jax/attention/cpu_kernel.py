@@ -1,9 +1,10 @@
 """LSH attention's chunk step as a compiled CPU kernel (`chunk_attention.cc`, XLA FFI).
 
-`lsh.attend_chunks` runs each sorted chunk's attention over its look-around window. On CPU,
-XLA runs the batched `[C, H] x [H, K]` products of that step one chunk at a time on one thread
-and materializes windows, masks and probabilities in between; `chunk_attention.cc` does a
-chunk's whole step out of cache and spreads chunks over XLA's intra-op threads. It is compiled
+`lsh.attend_sorted_chunks` runs each sorted chunk's attention over its look-around window. On
+CPU, XLA runs the batched `[C, H] x [H, K]` products of that step one chunk at a time on one
+thread and materializes the sorted copies of the inputs, the windows, masks and probabilities in
+between; `chunk_attention.cc` gathers a chunk's rows from the unsorted inputs as it reads them,
+does the chunk's whole step out of cache and spreads chunks over XLA's intra-op threads. It is compiled
 on first use with the machine's C++ compiler (`-O3 -march=native`, a few seconds) into a cache
 directory and registered as the FFI targets `reformer_chunk_attention_fwd` / `_bwd`.
 
@@ -109,12 +110,11 @@ def _load() -> bool:
   return True
 
 
-def applies(sqk: jax.Array, sv: jax.Array, before: int, after: int) -> bool:
+def applies(qk: jax.Array, v: jax.Array, chunk_len: int, before: int, after: int) -> bool:
   """Whether the kernel can run this chunk step: float32, `C`, `H` and `H_v` multiples of 16,
   at most 16 chunks per window, not switched off, and built (compiling it on first call)."""
-  *_, chunk_len, head_dim = sqk.shape
-  if (mode() == '0' or sqk.dtype != jnp.float32 or sv.dtype != jnp.float32
-      or chunk_len % 16 or head_dim % 16 or sv.shape[-1] % 16 or before + 1 + after > 16):
+  if (mode() == '0' or qk.dtype != jnp.float32 or v.dtype != jnp.float32
+      or chunk_len % 16 or qk.shape[-1] % 16 or v.shape[-1] % 16 or before + 1 + after > 16):
     return False
   return _load()
 
@@ -123,26 +123,31 @@ def _attrs(before: int, after: int, causal: bool) -> dict:
   return dict(before=np.int64(before), after=np.int64(after), causal=bool(causal))
 
 
-def forward(sqk, sv, q_pos, k_valid, before: int, after: int, causal: bool):
-  """`(out, lse, probs)` of `lsh.attend_chunks` (shapes there; `probs [B, n, G, C, K]`)."""
-  *lead, groups, chunk_len, _ = sqk.shape
+def forward(qk, v, q_pos, k_valid, before: int, after: int, causal: bool,
+            save_probs: bool = True):
+  """`(out, lse, probs)` of `lsh.attend_sorted_chunks`, whose sorted chunk slot `(g, i)` is row
+  `q_pos[..., g, i]` of `qk [B, n, L, H]` and `v [B, n, L, H_v]`: `out [B, n, G, C, H_v]`,
+  `lse [B, n, G, C]` and `probs [B, n, G, C, K]` (a `[1]` placeholder without `save_probs`)."""
+  *lead, groups, chunk_len = q_pos.shape
   window = (before + 1 + after) * chunk_len
   k_valid = jnp.broadcast_to(k_valid, (*lead, groups, window))
   f32 = jnp.float32
-  shapes = (jax.ShapeDtypeStruct(sv.shape, f32),
+  shapes = (jax.ShapeDtypeStruct((*lead, groups, chunk_len, v.shape[-1]), f32),
             jax.ShapeDtypeStruct((*lead, groups, chunk_len), f32),
-            jax.ShapeDtypeStruct((*lead, groups, chunk_len, window), f32))
+            jax.ShapeDtypeStruct((*lead, groups, chunk_len, window) if save_probs else (1,), f32))
   return jax.ffi.ffi_call(FORWARD, shapes, vmap_method='broadcast_all')(
-      sqk, sv, q_pos.astype(jnp.int32), k_valid, **_attrs(before, after, causal))
+      qk, v, q_pos.astype(jnp.int32), k_valid, save_probs=bool(save_probs),
+      **_attrs(before, after, causal))
 
 
-def backward(sqk, sv, q_pos, k_valid, probs, out, d_out, d_lse, before: int, after: int,
+def backward(qk, v, q_pos, k_valid, probs, out, d_out, d_lse, before: int, after: int,
              causal: bool):
-  """`(d_sqk, d_sv)` of `lsh.attend_chunks` given its forward's `probs`, `out` and cotangents."""
-  *lead, groups, chunk_len, _ = sqk.shape
+  """`(d_sqk [B, n, G, C, H], d_sv [B, n, G, C, H_v])`, in sorted order, of `forward` given its
+  `probs`, `out` and the cotangents of `out` and `lse`."""
+  *lead, groups, chunk_len = q_pos.shape
   k_valid = jnp.broadcast_to(k_valid, (*lead, groups, probs.shape[-1]))
-  shapes = (jax.ShapeDtypeStruct(sqk.shape, jnp.float32),
-            jax.ShapeDtypeStruct(sv.shape, jnp.float32))
+  shapes = (jax.ShapeDtypeStruct((*lead, groups, chunk_len, qk.shape[-1]), jnp.float32),
+            jax.ShapeDtypeStruct((*lead, groups, chunk_len, v.shape[-1]), jnp.float32))
   return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='broadcast_all')(
-      sqk, sv, q_pos.astype(jnp.int32), k_valid, probs, out, d_out.astype(jnp.float32),
+      qk, v, q_pos.astype(jnp.int32), k_valid, probs, out, d_out.astype(jnp.float32),
       d_lse.astype(jnp.float32), **_attrs(before, after, causal))

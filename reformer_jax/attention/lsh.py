@@ -660,11 +660,6 @@ def _attend_sorted(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, befor
   """
   batch, heads, length, _ = qk_t.shape
   slots = n_hashes * length
-  # Queries/keys and values into sorted order for every round (two gathers: one of the two
-  # concatenated would cost a concatenation and two strided slices more).
-  sqk = gather_rounds(qk_t, pos, undo_idx, n_hashes)
-  sv = gather_rounds(v_t, pos, undo_idx, n_hashes)
-
   n_chunks = slots // chunk_len
   def chunk(x):  # [B, n, S, ...] -> [B, n, G, C, ...]
     return x.reshape(batch, heads, n_chunks, chunk_len, *x.shape[3:])
@@ -674,7 +669,14 @@ def _attend_sorted(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, befor
   if mask is not None:
     smask = take(jnp.broadcast_to(mask[:, None, :], (batch, heads, length)), pos, axis=-1)
     k_valid = k_valid & common.look_around(chunk(smask), before, after)
-  out, lse = attend_chunks(chunk(sqk), chunk(sv), q_pos, k_valid, before, after, causal)
+  if cpu_kernel.applies(qk_t, v_t, chunk_len, before, after):
+    out, lse = attend_sorted_chunks(qk_t, v_t, q_pos, undo_idx, k_valid, before, after, causal)
+  else:
+    # Queries/keys and values into sorted order for every round (two gathers: one of the two
+    # concatenated would cost a concatenation and two strided slices more).
+    sqk = gather_rounds(qk_t, pos, undo_idx, n_hashes)
+    sv = gather_rounds(v_t, pos, undo_idx, n_hashes)
+    out, lse = attend_chunks(chunk(sqk), chunk(sv), q_pos, k_valid, before, after, causal)
   return jnp.concatenate([out, lse[..., None]], axis=-1).reshape(batch, heads, slots, -1)
 
 
@@ -713,18 +715,6 @@ def _chunk_masks(q_pos, k_valid, before, after, causal):
 
 
 def _attend_chunks_fwd(sqk, sv, q_pos, k_valid, before, after, causal):
-  if not cpu_kernel.applies(sqk, sv, before, after):
-    return _xla_chunks_fwd(sqk, sv, q_pos, k_valid, before, after, causal)
-
-  def kernel(sqk, sv, q_pos, k_valid):  # on CPU: chunk_attention.cc
-    out, lse, probs = cpu_kernel.forward(sqk, sv, q_pos, k_valid, before, after, causal)
-    return (out, lse), (sqk, sv, q_pos, k_valid, probs, out)
-  return jax.lax.platform_dependent(
-      sqk, sv, q_pos, k_valid, cpu=kernel,
-      default=functools.partial(_xla_chunks_fwd, before=before, after=after, causal=causal))
-
-
-def _xla_chunks_fwd(sqk, sv, q_pos, k_valid, before, after, causal):
   acc = common.accumulation_dtype(sv.dtype)
   keys = common.look_around(common.unit_normalize(sqk), before, after)
   logits = jnp.einsum('...qh,...kh->...qk', sqk, keys, preferred_element_type=acc)
@@ -749,18 +739,6 @@ def _unlook_around(x: jax.Array, before: int, after: int) -> jax.Array:
 
 
 def _attend_chunks_bwd(before, after, causal, residuals, cotangents):
-  sqk, sv = residuals[:2]
-  if not cpu_kernel.applies(sqk, sv, before, after):
-    return _xla_chunks_bwd(residuals, cotangents, before, after, causal)
-
-  def kernel(residuals, cotangents):
-    return (*cpu_kernel.backward(*residuals, *cotangents, before, after, causal), None, None)
-  return jax.lax.platform_dependent(
-      residuals, cotangents, cpu=kernel,
-      default=functools.partial(_xla_chunks_bwd, before=before, after=after, causal=causal))
-
-
-def _xla_chunks_bwd(residuals, cotangents, before, after, causal):
   sqk, sv, q_pos, k_valid, probs, out = residuals
   d_out, d_lse = cotangents
   acc = probs.dtype
@@ -787,6 +765,85 @@ def _xla_chunks_bwd(residuals, cotangents, before, after, causal):
 
 
 attend_chunks.defvjp(_attend_chunks_fwd, _attend_chunks_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def attend_sorted_chunks(qk_t: jax.Array, v_t: jax.Array, q_pos: jax.Array, undo_idx: jax.Array,
+                         k_valid: jax.Array, before: int, after: int,
+                         causal: bool) -> tuple[jax.Array, jax.Array]:
+  """`attend_chunks` of the sorted chunks of `qk_t` and `v_t`, gathered as they are read.
+
+  Sorted slot `(g, i)` of a row holds input row `q_pos[..., g, i]`: the same function as
+  `attend_chunks(chunk(gather_rounds(qk_t, ...)), chunk(gather_rounds(v_t, ...)), ...)`. On
+  CPU the chunk kernel (`cpu_kernel`, built where `cpu_kernel.applies`) reads each chunk's rows
+  straight from the unsorted inputs, so their sorted copies are never written out (nor kept for
+  the backward pass), and the forward pass outside differentiation keeps no probabilities; on
+  other backends XLA gathers the sorted copies and runs `attend_chunks`'s step. The gradient
+  is unsorted back to the input rows and summed over rounds, as `gather_rounds`'s is.
+
+  Args:
+    qk_t, v_t: `[B, n, L, H]` and `[B, n, L, H_v]` unsorted query/keys and values.
+    q_pos: `[B, n, G, C]` int32, the sorted slots' positions (rounds after one another).
+    undo_idx: `[B, n, R * L]` int32, the permutation that unsorts the slots.
+    k_valid: as `attend_chunks`.
+  Returns:
+    `out [B, n, G, C, H_v]` and `lse [B, n, G, C]`, float32, in sorted order.
+  """
+  del undo_idx
+
+  def kernel(qk_t, v_t, q_pos, k_valid):
+    return tuple(cpu_kernel.forward(qk_t, v_t, q_pos, k_valid, before, after, causal,
+                                    save_probs=False)[:2])
+
+  def xla(qk_t, v_t, q_pos, k_valid):
+    return _attend_chunks_fwd(_sorted_chunks(qk_t, q_pos), _sorted_chunks(v_t, q_pos), q_pos,
+                              k_valid, before, after, causal)[0]
+  return jax.lax.platform_dependent(qk_t, v_t, q_pos, k_valid, cpu=kernel, default=xla)
+
+
+def _sorted_chunks(x: jax.Array, q_pos: jax.Array) -> jax.Array:
+  """`[B, n, L, F]` rows gathered into sorted chunks `[B, n, G, C, F]` by `q_pos [B, n, G, C]`."""
+  return take(x, q_pos.reshape(*q_pos.shape[:2], -1, 1), axis=-2).reshape(*q_pos.shape,
+                                                                          x.shape[-1])
+
+
+def _attend_sorted_chunks_fwd(qk_t, v_t, q_pos, undo_idx, k_valid, before, after, causal):
+  def kernel(qk_t, v_t, q_pos, k_valid):
+    out, lse, probs = cpu_kernel.forward(qk_t, v_t, q_pos, k_valid, before, after, causal)
+    return (out, lse), probs
+
+  def xla(qk_t, v_t, q_pos, k_valid):
+    (out, lse), residuals = _attend_chunks_fwd(
+        _sorted_chunks(qk_t, q_pos), _sorted_chunks(v_t, q_pos), q_pos, k_valid, before, after,
+        causal)
+    return (out, lse), residuals[4]
+  (out, lse), probs = jax.lax.platform_dependent(qk_t, v_t, q_pos, k_valid, cpu=kernel,
+                                                 default=xla)
+  return (out, lse), (qk_t, v_t, q_pos, undo_idx, k_valid, probs, out)
+
+
+def _attend_sorted_chunks_bwd(before, after, causal, residuals, cotangents):
+  qk_t, v_t, q_pos, undo_idx, k_valid, probs, out = residuals
+
+  def kernel(qk_t, v_t, q_pos, k_valid, probs, out, cotangents):
+    return cpu_kernel.backward(qk_t, v_t, q_pos, k_valid, probs, out, *cotangents, before,
+                               after, causal)
+
+  def xla(qk_t, v_t, q_pos, k_valid, probs, out, cotangents):
+    residuals = (_sorted_chunks(qk_t, q_pos), _sorted_chunks(v_t, q_pos), q_pos, k_valid, probs,
+                 out)
+    return _attend_chunks_bwd(before, after, causal, residuals, cotangents)[:2]
+  d_sqk, d_sv = jax.lax.platform_dependent(qk_t, v_t, q_pos, k_valid, probs, out, cotangents,
+                                           cpu=kernel, default=xla)
+  n_hashes = undo_idx.shape[-1] // qk_t.shape[2]
+
+  def unsort(d, x):  # [B, n, G, C, F] sorted -> [B, n, L, F], rounds summed
+    d = _gather(d.reshape(*undo_idx.shape, -1), undo_idx)
+    return d.reshape(*d.shape[:2], n_hashes, -1, d.shape[-1]).sum(axis=2).astype(x.dtype)
+  return unsort(d_sqk, qk_t), unsort(d_sv, v_t), None, None, None
+
+
+attend_sorted_chunks.defvjp(_attend_sorted_chunks_fwd, _attend_sorted_chunks_bwd)
 
 
 def _attend_in_groups(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, before, after,
