@@ -188,6 +188,22 @@ def test_argmax_hash_is_rotation_sign():
   np.testing.assert_array_equal(b[0, 0, 0], expected)
 
 
+def test_hash_is_argmax_of_rotation_and_its_negation():
+  """The paper's h(x) = argmax([xR; -xR]) per factor, bucket = sum of factor * stride."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 32, 8))
+  factors = (4, 6)
+  got = hash_vectors(x, jax.random.PRNGKey(3), 2, factors)
+  for n in range(3):
+    rot = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), n), (8, 2, 5))
+    rotated = jnp.einsum('blh,hrk->brlk', x[:, n], rot)
+    want, start, stride = 0, 0, 1
+    for f in factors:
+      part = rotated[..., start:start + f // 2]
+      want = want + stride * jnp.argmax(jnp.concatenate([part, -part], -1), -1)
+      start, stride = start + f // 2, stride * f
+    np.testing.assert_array_equal(got[:, n], want)
+
+
 def test_padding_content_never_reaches_real_tokens():
   qk, v, mask = _inputs(length=64)
   pad = ~mask[:, :, None, None]

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reformer_jax import layers
 from reformer_jax.layers import AxialPositionalEmbedding, feed_forward, layer_norm, map_positions
 
 
@@ -100,3 +101,13 @@ def test_per_position_layers_in_chunks_equal_the_whole_sequence():
                              atol=1e-5)
   for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_gelu_gradient_equals_autodiff():
+  x = jnp.linspace(-6.0, 6.0, 1001)
+  np.testing.assert_array_equal(layers.gelu(x), jax.nn.gelu(x))
+  got = jax.grad(lambda x: (layers.gelu(x) * jnp.cos(x)).sum())(x)
+  want = jax.grad(lambda x: (jax.nn.gelu(x) * jnp.cos(x)).sum())(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  xb = x.astype(jnp.bfloat16)
+  assert jax.grad(lambda x: layers.gelu(x).sum())(xb).dtype == jnp.bfloat16

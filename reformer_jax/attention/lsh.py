@@ -159,9 +159,12 @@ def _hash(x: jax.Array, rng: jax.Array, n_hashes: int, n_buckets: Buckets, *,
     buckets = jnp.zeros(rotated.shape[:-1], jnp.int32)
     start, stride = 0, 1
     for f in factors:
+      # argmax([p; -p]) without the concatenation: the largest |p_i|, on the -p side if p_i < 0
+      # (the same bucket but where a p_i and a p_j < 0 tie exactly in magnitude).
       part = rotated[..., start:start + f // 2]
-      buckets = buckets + stride * jnp.argmax(jnp.concatenate([part, -part], -1), -1).astype(
-          jnp.int32)
+      top = jnp.argmax(jnp.abs(part), -1)
+      negative = jnp.take_along_axis(part, top[..., None], -1)[..., 0] < 0
+      buckets = buckets + stride * (top + negative * (f // 2)).astype(jnp.int32)
       start, stride = start + f // 2, stride * f
     return buckets
 
@@ -649,7 +652,10 @@ def _attend_heads(qk_t, v_t, buckets, mask, *, total_buckets, chunk_len, before,
                                                        width)
   out, lse = packed[..., :-1], packed[..., -1]
   weights = jax.nn.softmax(lse, axis=2)  # [B, n, R, L]
-  return jnp.einsum('bnrlh,bnrl->blnh', out, weights).astype(v_t.dtype)
+  # A weighted sum over rounds, as one elementwise pass (as an einsum, XLA:CPU made it a
+  # batched matrix-vector product, several times slower).
+  out = jnp.sum(out * weights[..., None], axis=2)  # [B, n, L, H]
+  return out.transpose(0, 2, 1, 3).astype(v_t.dtype)
 
 
 def _attend_sorted(qk_t, v_t, pos, undo_idx, *, mask, n_hashes, chunk_len, before, after, causal):
