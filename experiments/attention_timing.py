@@ -28,10 +28,13 @@ FLOPs of the forward+backward pass follow the issue's count, 12 * R * B * L * N 
 attention, which computes every logit even when causal). `flops_fraction` divides a point's
 best achieved FLOP/s by the best of a `--matmul-size` float32 matmul timed in every round of
 the same run; `flops_fraction_paired` pairs each sample with its own round's matmul (see
-`summarize`). The kernel's own six matmuls alone (`chunk_matmuls`: batched `[C, H] x [H, 2C]`
-products at `--tokens` tokens) are timed in every round as well: the fraction of the big
-matmul they reach (`chunk_matmuls_flops_fraction`) bounds what the kernel can reach.
-Kernels and matmuls compile with the trainer's XLA options (`reformer_jax.train.backend_options`).
+`summarize`). The kernel's own six matmuls alone, as XLA batches them (`chunk_matmuls`:
+batched `[C, H] x [H, 2C]` products at `--tokens` tokens), are timed in every round as well:
+what XLA reaches on them (`chunk_matmuls_flops_fraction`) bounds the XLA version of the chunk
+step; on CPU the compiled chunk kernel (`reformer_jax.attention.cpu_kernel`, recorded as
+`config.chunk_kernel`) does those products itself and can exceed it.
+Kernels and matmuls compile with the trainer's XLA options (`reformer_jax.train.backend_options`),
+and the run keeps freed host memory mapped (`reformer_jax.host_memory`).
 
 Writes `--out` (JSON) and a PNG next to it; `--wandb` logs both to W&B; `--replot` redraws the
 PNG of an existing file; `--profile` writes `<out>_profile.json` instead (time by HLO op).
@@ -65,7 +68,7 @@ import jax.numpy as jnp
 
 from experiments import common
 from reformer_jax import host_memory
-from reformer_jax.attention import local_attention, lsh_attention
+from reformer_jax.attention import cpu_kernel, local_attention, lsh_attention
 
 REGIMES = ('fixed_tokens', 'batch1')
 REFERENCE_CALLS = 3  # back-to-back calls of each reference per round; the fastest is its sample
@@ -201,7 +204,8 @@ def chunk_matmuls(*, batch: int, chunk_len: int, head_dim: int):
   one before it), `head_dim` wide: the logits `q k^T` and output `p v` of the forward pass and
   `d_out v^T`, `d_logits k`, `d_logits^T q`, `p^T d_out` of the backward pass, the shapes and
   FLOPs (`12 * batch * C * 2C * H`) of the kernel's own matmuls. What XLA reaches on these
-  is the ceiling of the kernel's `flops_fraction` on this machine, whatever else it does.
+  is the ceiling of the XLA chunk step's `flops_fraction` on this machine (not of the CPU
+  chunk kernel's, which multiplies each chunk in registers and cache itself).
   """
   keys = jax.random.split(jax.random.PRNGKey(7), 4)
   q, d_out = (jax.random.normal(k, (batch, chunk_len, head_dim)) for k in keys[:2])
@@ -517,6 +521,9 @@ def replot(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   config = {k: v for k, v in vars(args).items() if k not in ('out', 'wandb')}
   config['compiler_options'] = compiler_options()
+  probe = jnp.zeros((1, 1, args.chunk_len, args.head_dim), jnp.float32)
+  config['chunk_kernel'] = ('cpu' if jax.default_backend() == 'cpu' and cpu_kernel.applies(
+      probe, probe, args.chunk_len, 1, 0) else 'xla')  # LSH's chunk step: compiled kernel or XLA
   result: dict[str, Any] = {'machine': common.machine_info(), 'config': config}
   cases, same = [], []  # same: (regime, the case list of the first regime with that config)
   for length in sorted(args.lengths):
