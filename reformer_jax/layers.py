@@ -237,8 +237,9 @@ def gelu(x: jax.Array) -> jax.Array:
 
   `0.5 x (1 + tanh(u))`, `u = c (x + 0.044715 x^3)`, has derivative
   `0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)`, `t = tanh(u)`: one elementwise pass
-  from the saved input. Autodiff's chain of products left XLA:CPU recomputing parts of it in
-  each of the fusions that feed the feed-forward's weight gradients.
+  from the saved input instead of autodiff's chain of products. (Interleaved A/Bs of the
+  6-layer, 4K-token peers step on the 2-core CPU measured 0.95-0.98x the step time with it,
+  within that machine's noise.)
   """
   return jax.nn.gelu(x)
 

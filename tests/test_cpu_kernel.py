@@ -59,8 +59,8 @@ def test_kernel_equals_xla_chunk_step(n_chunks, causal, before, after):
 
   kernel = lambda a, b: lsh.attend_sorted_chunks(a, b, q_pos, undo_idx, k_valid, before, after,
                                                   causal)
-  xla = lambda a, b: lsh.attend_chunks(lsh._sorted_chunks(a, q_pos), lsh._sorted_chunks(b, q_pos),  # pylint: disable=protected-access
-                                       q_pos, k_valid, before, after, causal)
+  xla = lambda a, b: lsh.attend_chunks(*lsh._sorted_chunks(a, b, q_pos), q_pos, k_valid, before,  # pylint: disable=protected-access
+                                       after, causal)
 
   def results(attend):
     def run(a, b):

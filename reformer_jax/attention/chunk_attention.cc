@@ -197,6 +197,8 @@ ffi::Error CheckDims(const Dims& d) {
   return ffi::Error::Success();
 }
 
+inline int64_t Wrap(int64_t g, int64_t n) { return ((g % n) + n) % n; }
+
 // Sorted chunk w of row r gathered from `x` ([R, L, width]) into `out` ([C, width]).
 void GatherChunk(const Dims& d, const float* x, int64_t width, const int32_t* q_pos, int64_t r,
                  int64_t w, float* out) {
@@ -231,7 +233,7 @@ void UnitKeys(const Dims& d, const float* x, float* unit, bool transposed, float
 void WindowKeys(const Dims& d, const int32_t* q_pos, const bool* k_valid, int64_t r, int64_t g,
                 int32_t* key_pos, int32_t* key_valid) {
   for (int64_t j = 0; j < d.parts; ++j) {
-    const int64_t w = ((g - d.before + j) % d.g + d.g) % d.g;
+    const int64_t w = Wrap(g - d.before + j, d.g);
     std::memcpy(key_pos + j * d.c, q_pos + (r * d.g + w) * d.c, d.c * sizeof(int32_t));
   }
   const bool* valid = k_valid + (r * d.g + g) * d.k;
@@ -264,8 +266,6 @@ struct Blocks {
   int64_t begin(const Dims& d, int64_t i) const { return i * d.g / per_row; }
   int64_t end(const Dims& d, int64_t i) const { return (i + 1) * d.g / per_row; }
 };
-
-inline int64_t Wrap(int64_t g, int64_t n) { return ((g % n) + n) % n; }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv_b,
                    ffi::Buffer<ffi::S32> q_pos_b, ffi::Buffer<ffi::PRED> k_valid_b,

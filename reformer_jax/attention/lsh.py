@@ -231,10 +231,14 @@ def _gather_rounds_fwd(x, pos, inverse, n_hashes):
 
 
 def _gather_rounds_bwd(n_hashes, res, g):
-  pos, inverse = res
+  _, inverse = res
+  return _unsort_rounds(g, inverse, n_hashes), None, None
+
+
+def _unsort_rounds(g: jax.Array, inverse: jax.Array, n_hashes: int) -> jax.Array:
+  """Sorted-order rows `[B, N, R * L, F]` back to `[B, N, L, F]`, the rounds summed."""
   g = _gather(g, inverse)  # [B, N, R * L, F] in (round, position) order
-  g = g.reshape(*g.shape[:2], n_hashes, -1, g.shape[-1]).sum(axis=2)
-  return g, None, None
+  return g.reshape(*g.shape[:2], n_hashes, -1, g.shape[-1]).sum(axis=2)
 
 
 gather_rounds.defvjp(_gather_rounds_fwd, _gather_rounds_bwd)
@@ -652,8 +656,8 @@ def _attend_heads(qk_t, v_t, buckets, mask, *, total_buckets, chunk_len, before,
                                                        width)
   out, lse = packed[..., :-1], packed[..., -1]
   weights = jax.nn.softmax(lse, axis=2)  # [B, n, R, L]
-  # A weighted sum over rounds, as one elementwise pass (as an einsum, XLA:CPU made it a
-  # batched matrix-vector product, several times slower).
+  # A weighted sum over rounds, as one elementwise pass (as an einsum, XLA:CPU lowered it to
+  # a batched matrix-vector product).
   out = jnp.sum(out * weights[..., None], axis=2)  # [B, n, L, H]
   return out.transpose(0, 2, 1, 3).astype(v_t.dtype)
 
@@ -802,15 +806,16 @@ def attend_sorted_chunks(qk_t: jax.Array, v_t: jax.Array, q_pos: jax.Array, undo
                                     save_probs=False)[:2])
 
   def xla(qk_t, v_t, q_pos, k_valid):
-    return _attend_chunks_fwd(_sorted_chunks(qk_t, q_pos), _sorted_chunks(v_t, q_pos), q_pos,
-                              k_valid, before, after, causal)[0]
+    return _attend_chunks_fwd(*_sorted_chunks(qk_t, v_t, q_pos), q_pos, k_valid, before, after,
+                              causal)[0]
   return jax.lax.platform_dependent(qk_t, v_t, q_pos, k_valid, cpu=kernel, default=xla)
 
 
-def _sorted_chunks(x: jax.Array, q_pos: jax.Array) -> jax.Array:
-  """`[B, n, L, F]` rows gathered into sorted chunks `[B, n, G, C, F]` by `q_pos [B, n, G, C]`."""
-  return take(x, q_pos.reshape(*q_pos.shape[:2], -1, 1), axis=-2).reshape(*q_pos.shape,
-                                                                          x.shape[-1])
+def _sorted_chunks(qk_t: jax.Array, v_t: jax.Array, q_pos: jax.Array):
+  """`[B, n, L, F]` query/key and value rows gathered into sorted chunks `[B, n, G, C, F]` by
+  `q_pos [B, n, G, C]` (what the XLA version of `attend_sorted_chunks` attends)."""
+  idx = q_pos.reshape(*q_pos.shape[:2], -1, 1)
+  return tuple(take(x, idx, axis=-2).reshape(*q_pos.shape, x.shape[-1]) for x in (qk_t, v_t))
 
 
 def _attend_sorted_chunks_fwd(qk_t, v_t, q_pos, undo_idx, k_valid, before, after, causal):
@@ -819,9 +824,8 @@ def _attend_sorted_chunks_fwd(qk_t, v_t, q_pos, undo_idx, k_valid, before, after
     return (out, lse), probs
 
   def xla(qk_t, v_t, q_pos, k_valid):
-    (out, lse), residuals = _attend_chunks_fwd(
-        _sorted_chunks(qk_t, q_pos), _sorted_chunks(v_t, q_pos), q_pos, k_valid, before, after,
-        causal)
+    (out, lse), residuals = _attend_chunks_fwd(*_sorted_chunks(qk_t, v_t, q_pos), q_pos,
+                                               k_valid, before, after, causal)
     return (out, lse), residuals[4]
   (out, lse), probs = jax.lax.platform_dependent(qk_t, v_t, q_pos, k_valid, cpu=kernel,
                                                  default=xla)
@@ -836,16 +840,14 @@ def _attend_sorted_chunks_bwd(before, after, causal, residuals, cotangents):
                                after, causal)
 
   def xla(qk_t, v_t, q_pos, k_valid, probs, out, cotangents):
-    residuals = (_sorted_chunks(qk_t, q_pos), _sorted_chunks(v_t, q_pos), q_pos, k_valid, probs,
-                 out)
+    residuals = (*_sorted_chunks(qk_t, v_t, q_pos), q_pos, k_valid, probs, out)
     return _attend_chunks_bwd(before, after, causal, residuals, cotangents)[:2]
   d_sqk, d_sv = jax.lax.platform_dependent(qk_t, v_t, q_pos, k_valid, probs, out, cotangents,
                                            cpu=kernel, default=xla)
   n_hashes = undo_idx.shape[-1] // qk_t.shape[2]
 
   def unsort(d, x):  # [B, n, G, C, F] sorted -> [B, n, L, F], rounds summed
-    d = _gather(d.reshape(*undo_idx.shape, -1), undo_idx)
-    return d.reshape(*d.shape[:2], n_hashes, -1, d.shape[-1]).sum(axis=2).astype(x.dtype)
+    return _unsort_rounds(d.reshape(*undo_idx.shape, -1), undo_idx, n_hashes).astype(x.dtype)
   return unsort(d_sqk, qk_t), unsort(d_sv, v_t), None, None, None
 
 
