@@ -4,9 +4,10 @@ XLA:CPU allocates an execution's temporaries as one block (209 MB for the 6-laye
 training step of `experiments/peers.py`), and its outputs, from its worker threads. glibc's
 malloc serves a block that large from a thread's arena with a fresh `mmap` and unmaps it when it
 is freed, so every step touches its temporaries' pages for the first time: 51,000 page faults a
-step there (first-touching a fresh 209 MB mapping took 85 ms on the 2-core CPU here). The LSH
-chunk kernel alone at 16K tokens, whose outputs were fresh pages each call, ran 30% faster with
-the setting below; in the whole 1.3 s peers step the difference was within the machine's noise.
+step there. In side checks on the 2-core CPU here (not kept): first-touching a fresh 209 MB
+mapping took 85 ms; the LSH chunk kernel alone at 16K tokens, whose outputs were fresh pages
+each call, ran 30% faster with the setting below; in the whole 1.3 s peers step the difference
+was within the machine's noise.
 
 `keep_freed_memory()` sets glibc's malloc to one arena, no `mmap`-backed blocks and no trimming:
 a freed block stays in the heap, mapped, and the next step gets it back with no faults. The price

@@ -4,9 +4,9 @@
 CPU, XLA runs the batched `[C, H] x [H, K]` products of that step one chunk at a time on one
 thread and materializes the sorted copies of the inputs, the windows, masks and probabilities in
 between; `chunk_attention.cc` gathers a chunk's rows from the unsorted inputs as it reads them,
-does the chunk's whole step out of cache and spreads chunks over XLA's intra-op threads. It is compiled
-on first use with the machine's C++ compiler (`-O3 -march=native`, a few seconds) into a cache
-directory and registered as the FFI targets `reformer_chunk_attention_fwd` / `_bwd`.
+does the chunk's whole step out of cache and spreads chunks over XLA's intra-op threads. It is
+compiled on first use with the machine's C++ compiler (`-O3 -march=native`, a few seconds) into
+a cache directory and registered as the FFI targets `reformer_chunk_attention_fwd` / `_bwd`.
 
 `REFORMER_JAX_CPU_KERNEL`: `auto` (default) uses the kernel where it applies (float32, chunk
 and head widths multiples of 16, the CPU backend) and falls back to the XLA version, with one
