@@ -18,8 +18,9 @@ live) of one attention layer's kernel on `[B, L, N, H]` float32 inputs:
 Two regimes: `fixed_tokens` (batch * length = `--tokens`, the paper's Figure 5: flat time per
 token means linear cost) and `batch1`. Everything is compiled first (compile time is reported
 apart), each function is warmed up once (excluded), then all functions of all lengths are timed
-round-robin, `--repeats` rounds, and the median is kept: load from other processes on a shared
-machine then hits every point alike. A point whose compiled memory (`compiled.memory_analysis()`)
+round-robin, `--repeats` rounds, each timed call right after an untimed call of the same
+function (`--no-settle`: right after the previous function), and the median is kept: load from
+other processes on a shared machine then hits every point alike. A point whose compiled memory (`compiled.memory_analysis()`)
 does not fit in the available memory (or `--max-bytes`) is skipped with a note, and so is one
 that runs out of memory (XLA `RESOURCE_EXHAUSTED`) while running.
 
@@ -115,6 +116,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--budget-s', type=float, default=120.0,
                  help='time budget per timed function: fewer repeats (at least 1) when the '
                       'warm-up call says the repeats would take longer')
+  p.add_argument('--no-settle', dest='settle', action='store_false',
+                 help='time each round\'s call right after the previous function instead of '
+                      'after one untimed call of its own (the method of files before this flag)')
   p.add_argument('--memory-margin', type=float, default=0.7,
                  help='run a point only if its compiled memory is below this fraction of the '
                       'available memory')
@@ -294,6 +298,12 @@ def time_cases(cases: list[tuple[dict, list]], args,
   overrun `--budget-s` sits out the later rounds). Interleaving puts all points under the same
   background load, and each sample's round is recorded (`fwd_bwd_rounds`) so `summarize` can
   compare points within a round.
+
+  With `settle` (the default), each timed call follows one untimed call of the same function:
+  the call right after another function pays for that one's traces in the process. Right after
+  a 16K-token full attention call (gigabytes of temporaries, 27 s on the 2-core CPU), LSH-4's
+  forward+backward at 16K took 427 and 804 ms for its next two calls and 132-163 ms from the
+  third on; the matmul reference has the same reason for its back-to-back calls.
   Returns each reference's samples (seconds), one per round.
   """
   budget: dict[tuple[int, str], int] = {}
@@ -304,7 +314,9 @@ def time_cases(cases: list[tuple[dict, list]], args,
     try:
       for name, fn in fns:
         warm = common.time_call(fn)
-        budget[id(point), name] = max(1, min(args.repeats, int(args.budget_s / max(warm, 1e-9))))
+        calls = 2 if args.settle else 1  # per timed sample
+        budget[id(point), name] = max(1, min(args.repeats,
+                                             int(args.budget_s / max(calls * warm, 1e-9))))
     except jax.errors.JaxRuntimeError as err:
       if not common.is_resource_exhausted(err):
         raise
@@ -322,6 +334,8 @@ def time_cases(cases: list[tuple[dict, list]], args,
     for point, fns in live:
       for name, fn in fns:
         if r < budget[id(point), name]:
+          if args.settle:
+            common.block(fn())
           point[name.replace('_s', '_samples_s')].append(common.time_call(fn))
           point[name.replace('_s', '_rounds')].append(r)
     print(f'round {r + 1}/{args.repeats} done', flush=True)

@@ -139,6 +139,21 @@ def test_timing_survives_out_of_memory_and_reraises_other_errors():
 
 
 
+@pytest.mark.parametrize('settle', [True, False])
+def test_each_timed_call_follows_an_untimed_call_of_its_own(settle):
+  argv = ['--lengths', '64', '--repeats', '3', '--out', '/dev/null']
+  args = attention_timing.parse_args(argv + ([] if settle else ['--no-settle']))
+  assert args.settle is settle
+  log = []
+  point = {'note': None, 'batch': 1, 'length': 64, 'fwd_samples_s': [], 'fwd_bwd_samples_s': [],
+           'fwd_rounds': [], 'fwd_bwd_rounds': []}
+  fns = [(name, lambda name=name: log.append(name)) for name in ('fwd_s', 'fwd_bwd_s')]
+  attention_timing.time_cases([(point, fns)], args, {'matmul': lambda: jax.numpy.ones(2)})
+  per_sample = ['fwd_s', 'fwd_s', 'fwd_bwd_s', 'fwd_bwd_s'] if settle else ['fwd_s', 'fwd_bwd_s']
+  assert log == ['fwd_s', 'fwd_bwd_s'] + per_sample * 3  # warm-ups, then three rounds
+  assert len(point['fwd_bwd_samples_s']) == 3 and point['fwd_bwd_rounds'] == [0, 1, 2]
+
+
 def test_a_compile_out_of_memory_is_a_skipped_point(monkeypatch):
   # A GPU compiler's autotuner can run out of memory while compiling a too-large full attention.
   args = attention_timing.parse_args(['--lengths', '64', '--attention', 'full', 'local',
