@@ -208,9 +208,63 @@ void GatherChunk(const Dims& d, const float* x, int64_t width, const int32_t* q_
     std::memcpy(out + i * width, row + pos[i] * width, width * sizeof(float));
 }
 
+// One step of a 16 x 16 transpose in registers: rows i and i + S (i & S == 0) swap the
+// S-wide blocks off their diagonal. After the steps S = 8, 4, 2, 1 row k holds column k.
+template <int S>
+inline void SwapBlocks(v16* m) {
+  constexpr i16 lo = {(0 & S) ? 16 + 0 - S : 0, (1 & S) ? 16 + 1 - S : 1,
+                      (2 & S) ? 16 + 2 - S : 2, (3 & S) ? 16 + 3 - S : 3,
+                      (4 & S) ? 16 + 4 - S : 4, (5 & S) ? 16 + 5 - S : 5,
+                      (6 & S) ? 16 + 6 - S : 6, (7 & S) ? 16 + 7 - S : 7,
+                      (8 & S) ? 16 + 8 - S : 8, (9 & S) ? 16 + 9 - S : 9,
+                      (10 & S) ? 16 + 10 - S : 10, (11 & S) ? 16 + 11 - S : 11,
+                      (12 & S) ? 16 + 12 - S : 12, (13 & S) ? 16 + 13 - S : 13,
+                      (14 & S) ? 16 + 14 - S : 14, (15 & S) ? 16 + 15 - S : 15};
+  constexpr i16 hi = {(0 & S) ? 16 + 0 : 0 + S, (1 & S) ? 16 + 1 : 1 + S,
+                      (2 & S) ? 16 + 2 : 2 + S, (3 & S) ? 16 + 3 : 3 + S,
+                      (4 & S) ? 16 + 4 : 4 + S, (5 & S) ? 16 + 5 : 5 + S,
+                      (6 & S) ? 16 + 6 : 6 + S, (7 & S) ? 16 + 7 : 7 + S,
+                      (8 & S) ? 16 + 8 : 8 + S, (9 & S) ? 16 + 9 : 9 + S,
+                      (10 & S) ? 16 + 10 : 10 + S, (11 & S) ? 16 + 11 : 11 + S,
+                      (12 & S) ? 16 + 12 : 12 + S, (13 & S) ? 16 + 13 : 13 + S,
+                      (14 & S) ? 16 + 14 : 14 + S, (15 & S) ? 16 + 15 : 15 + S};
+  for (int i = 0; i < 16; ++i) {
+    if (i & S) continue;
+    const v16 a = m[i], b = m[i + S];
+    m[i] = __builtin_shuffle(a, b, lo);
+    m[i + S] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+// dst[j, i] = src[i, j] * scale[i] (scale null: 1) for src [rows, cols] with row stride
+// `ld_src` and dst [cols, rows] with row stride `ld_dst`; rows and cols multiples of 16.
+void Transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, const float* scale,
+               float* dst, int64_t ld_dst) {
+  v16 m[16];
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      for (int i = 0; i < 16; ++i) {
+        m[i] = Load(src + (i0 + i) * ld_src + j0);
+        if (scale) m[i] *= scale[i0 + i];
+      }
+      SwapBlocks<8>(m);
+      SwapBlocks<4>(m);
+      SwapBlocks<2>(m);
+      SwapBlocks<1>(m);
+      for (int j = 0; j < 16; ++j) Store(dst + (j0 + j) * ld_dst + i0, m[j]);
+    }
+  }
+}
+
 // Chunk w of row r's unit-normalized keys, written transposed ([H, C]) or not ([C, H]), and
-// the inverse norms [C].
+// the inverse norms [C] (`inv_norm`, or a local copy when null).
 void UnitKeys(const Dims& d, const float* x, float* unit, bool transposed, float* inv_norm) {
+  float local[256];
+  std::vector<float> heap;
+  if (!inv_norm) {
+    if (d.c > 256) heap.resize(d.c);
+    inv_norm = d.c > 256 ? heap.data() : local;
+  }
   for (int64_t i = 0; i < d.c; ++i) {
     const float* xi = x + i * d.h;
     v16 ss{};
@@ -219,13 +273,11 @@ void UnitKeys(const Dims& d, const float* x, float* unit, bool transposed, float
       ss += xv * xv;
     }
     const float inv = 1.0f / std::sqrt(Sum(ss) + kEps);
-    if (inv_norm) inv_norm[i] = inv;
-    if (transposed) {
-      for (int64_t e = 0; e < d.h; ++e) unit[e * d.c + i] = xi[e] * inv;
-    } else {
+    inv_norm[i] = inv;
+    if (!transposed)
       for (int64_t e = 0; e < d.h; e += 16) Store(unit + i * d.h + e, Load(xi + e) * inv);
-    }
   }
+  if (transposed) Transpose(x, d.h, d.c, d.h, inv_norm, unit, d.c);
 }
 
 // Chunk (r, g)'s window keys: their original positions and validity (-1 or 0), `[K]` each,
@@ -410,10 +462,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
         UnitKeys(d, raw.data() + o * chunk_qk, unit.data() + o * chunk_qk, false,
                  inv_norm.data() + o * d.c);
         GatherChunk(d, sv, d.hv, q_pos, r, w, v_rows.data());
-        const float* v = v_rows.data();
-        float* vt = v_t.data() + o * chunk_v;
-        for (int64_t qi = 0; qi < d.c; ++qi)
-          for (int64_t e = 0; e < d.hv; ++e) vt[e * d.c + qi] = v[qi * d.hv + e];
+        Transpose(v_rows.data(), d.hv, d.c, d.hv, nullptr, v_t.data() + o * chunk_v, d.c);
       }
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t t = r * d.g + g;

@@ -152,19 +152,25 @@ def _hash(x: jax.Array, rng: jax.Array, n_hashes: int, n_buckets: Buckets, *,
   head_keys = jax.vmap(lambda n: jax.random.fold_in(rng, n))(first_head + jnp.arange(heads))
   rotations = jax.vmap(
       lambda key: jax.random.normal(key, (head_dim, n_hashes, rot_cols), jnp.float32))(head_keys)
-  spec = 'bnlh,nhrk->bnrlk' if heads_first else 'blnh,nhrk->bnrlk'
+  # Positions minor: every reduction over the rotations below is elementwise across rows.
+  spec = 'bnlh,nhrk->bnrkl' if heads_first else 'blnh,nhrk->bnrkl'
 
   def hash_block(xb):  # a block of positions -> [B, N, R, l]
-    rotated = jnp.einsum(spec, xb.astype(jnp.float32), rotations)
-    buckets = jnp.zeros(rotated.shape[:-1], jnp.int32)
+    rotated = jnp.einsum(spec, xb.astype(jnp.float32), rotations)  # [B, N, R, k, l]
+    buckets = jnp.zeros(rotated.shape[:3] + rotated.shape[4:], jnp.int32)
     start, stride = 0, 1
     for f in factors:
-      # argmax([p; -p]) without the concatenation: the largest |p_i|, on the -p side if p_i < 0
-      # (the same bucket but where a p_i and a p_j < 0 tie exactly in magnitude).
-      part = rotated[..., start:start + f // 2]
-      top = jnp.argmax(jnp.abs(part), -1)
-      negative = jnp.take_along_axis(part, top[..., None], -1)[..., 0] < 0
-      buckets = buckets + stride * (top + negative * (f // 2)).astype(jnp.int32)
+      # argmax([p; -p]), its first maximum, without the concatenation or a variadic (value,
+      # index) reduction (XLA:CPU runs those one element at a time): the top of [p; -p] is
+      # max(p) if max(p) >= -min(p), else min(p) on the -p side; its index is the first i with
+      # p_i equal to it.
+      part = rotated[:, :, :, start:start + f // 2]
+      hi, lo = jnp.max(part, axis=3), jnp.min(part, axis=3)
+      plus = hi >= -lo
+      top_value = jnp.where(plus, hi, lo)[:, :, :, None]
+      index = jax.lax.broadcasted_iota(jnp.int32, part.shape, 3)
+      top = jnp.min(jnp.where(part == top_value, index, f // 2), axis=3)
+      buckets = buckets + stride * (top + jnp.where(plus, 0, f // 2))
       start, stride = start + f // 2, stride * f
     return buckets
 
