@@ -386,14 +386,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
           const float inv = 1.0f / sum;
           for (int64_t kk = 0; kk < d.k; kk += 16) Store(row + kk, Load(row + kk) * inv);
         }
-        float* o = out + t * chunk_v;
-        for (int64_t j = 0; j < d.parts; ++j) {  // out = p v
-          const float* v = vals.data() + (g - g0 + j) * chunk_v;
-          if (j == 0)
-            Gemm<false>(d.c, d.hv, d.c, p, d.k, 1, v, d.hv, o, d.hv);
-          else
-            Gemm<true>(d.c, d.hv, d.c, p + j * d.c, d.k, 1, v, d.hv, o, d.hv);
-        }
+        // out = p v: the window's values are consecutive offsets, so one product of depth K.
+        Gemm<false>(d.c, d.hv, d.k, p, d.k, 1, vals.data() + (g - g0) * chunk_v, d.hv,
+                    out + t * chunk_v, d.hv);
       }
     }
   });
@@ -486,14 +481,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
             Store(row + kk, (m.allowed & ~m.self) ? x : v16{});
           }
         }
-        float* dq = d_sqk + t * chunk_qk;
+        // d q = d logits k: the window's keys are consecutive offsets, one product of depth K.
+        Gemm<false>(d.c, d.h, d.k, ds.data(), d.k, 1, unit.data() + (g - g0) * chunk_qk, d.h,
+                    d_sqk + t * chunk_qk, d.h);
         for (int64_t j = 0; j < d.parts; ++j) {
           const int64_t o = g - g0 + j;
           const float* ds_j = ds.data() + j * d.c;
-          if (j == 0)  // d q = d logits k
-            Gemm<false>(d.c, d.h, d.c, ds_j, d.k, 1, unit.data() + o * chunk_qk, d.h, dq, d.h);
-          else
-            Gemm<true>(d.c, d.h, d.c, ds_j, d.k, 1, unit.data() + o * chunk_qk, d.h, dq, d.h);
           // d k += d logits^T q and d v += p^T d_out, for the chunk at offset o.
           Gemm<true>(d.c, d.h, d.c, ds_j, 1, d.k, q, d.h, dk.data() + o * chunk_qk, d.h);
           Gemm<true>(d.c, d.hv, d.c, p + j * d.c, 1, d.k, dout, d.hv, dv.data() + o * chunk_v,
