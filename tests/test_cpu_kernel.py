@@ -108,6 +108,26 @@ def test_lsh_attention_with_the_kernel_equals_xla(monkeypatch, causal):
                                atol=2e-5)
 
 
+@needs_compiler
+def test_bucket_sort_equals_xla_sort():
+  """The counting sort against XLA's sort: every round's positions by bucket, ties in position
+  order, padding's bucket last; its inverse permutation and positions."""
+  total_buckets, n_hashes, length = 12, 3, 40
+  buckets = jax.random.randint(jax.random.PRNGKey(6), (2, 3, n_hashes, length), 0,
+                               total_buckets + 1)  # total_buckets: padding's bucket
+  assert cpu_kernel.available()
+  got = jax.jit(lambda b: cpu_kernel.bucket_sort(b, total_buckets + 1))(buckets)
+  want = lsh._xla_sort_slots(buckets, total_buckets=total_buckets)  # pylint: disable=protected-access
+  for name, a, b in zip(('sort_idx', 'undo_idx', 'pos'), got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+  # Stable: within a bucket, positions ascend.
+  slots = np.asarray(got[0]).reshape(2, 3, n_hashes, length)
+  keys = np.take_along_axis(np.asarray(buckets), slots % length, axis=-1)
+  assert (np.diff(keys, axis=-1) >= 0).all()
+  with pytest.raises(Exception, match='outside'):
+    jax.block_until_ready(cpu_kernel.bucket_sort(buckets, total_buckets))  # too few keys
+
+
 def test_kernel_applies_only_where_it_can(monkeypatch):
   monkeypatch.setenv(cpu_kernel.ENV, '0')
   x = jnp.zeros((1, 1, 64, 16))

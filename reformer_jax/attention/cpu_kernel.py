@@ -31,8 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name('chunk_attention.cc')
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / 'chunk_attention.cc', _HERE / 'bucket_sort.cc')  # one library
+HEADERS = (_HERE / 'parallel_for.h',)
 FORWARD, BACKWARD = 'reformer_chunk_attention_fwd', 'reformer_chunk_attention_bwd'
+SORT = 'reformer_bucket_sort'
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-ffp-contract=fast', '-fPIC', '-shared',
          '-Wno-attributes', '-Wno-return-type')
 ENV = 'REFORMER_JAX_CPU_KERNEL'
@@ -68,14 +71,15 @@ def _compiler() -> str | None:
 
 
 def build() -> pathlib.Path:
-  """Compiles `chunk_attention.cc` (once per source, compiler, jaxlib and CPU) and returns the
-  shared library's path. Raises `RuntimeError` with the compiler's message when it fails."""
+  """Compiles `chunk_attention.cc` and `bucket_sort.cc` into one library (once per sources,
+  compiler, jaxlib and CPU) and returns its path. Raises `RuntimeError` with the compiler's
+  message when it fails."""
   compiler = _compiler()
   if compiler is None:
     raise RuntimeError('no C++ compiler found (set CXX, or install g++)')
-  source = SOURCE.read_bytes()
+  sources = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
   key = hashlib.sha256(b'\0'.join([
-      source, compiler.encode(), ' '.join(FLAGS).encode(), jax.__version__.encode(),
+      *sources, compiler.encode(), ' '.join(FLAGS).encode(), jax.__version__.encode(),
       _cpu_flags().encode()])).hexdigest()[:16]
   target = cache_dir() / f'chunk_attention-{key}.so'
   if target.exists():
@@ -83,7 +87,8 @@ def build() -> pathlib.Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = pathlib.Path(tmp) / target.name
-    command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(built)]
+    command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o',
+               str(built)]
     logging.info('Compiling the LSH chunk kernel: %s', ' '.join(command))
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -107,7 +112,15 @@ def _load() -> bool:
                               platform='cpu')
   jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.ReformerChunkAttentionBwd),
                               platform='cpu')
+  jax.ffi.register_ffi_target(SORT, jax.ffi.pycapsule(library.ReformerBucketSort),
+                              platform='cpu')
   return True
+
+
+def available() -> bool:
+  """Whether the library is on (not `REFORMER_JAX_CPU_KERNEL=0`) and built (compiling it on
+  first call): what `bucket_sort` needs."""
+  return mode() != '0' and _load()
 
 
 def applies(qk: jax.Array, v: jax.Array, chunk_len: int, before: int, after: int) -> bool:
@@ -151,3 +164,13 @@ def backward(qk, v, q_pos, k_valid, probs, out, d_out, d_lse, before: int, after
   return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='broadcast_all')(
       qk, v, q_pos.astype(jnp.int32), k_valid, probs, out, d_out.astype(jnp.float32),
       d_lse.astype(jnp.float32), **_attrs(before, after, causal))
+
+
+def bucket_sort(buckets, n_keys: int):
+  """`(sort_idx, undo_idx, pos)`, each `[B, N, R * L]` int32, of `buckets [B, N, R, L]` int32 in
+  `[0, n_keys)`: every round's positions ordered by bucket, ties in position order (a counting
+  sort, `bucket_sort.cc`), rounds after one another; what `lsh._sort_slots` returns."""
+  *lead, rounds, length = buckets.shape
+  shape = jax.ShapeDtypeStruct((*lead, rounds * length), jnp.int32)
+  return jax.ffi.ffi_call(SORT, (shape,) * 3, vmap_method='broadcast_all')(
+      buckets.astype(jnp.int32), n_keys=np.int64(n_keys))

@@ -602,7 +602,8 @@ def _sort_slots(buckets: jax.Array, mask: jax.Array | None, total_buckets: int):
   """One stable sort over all rounds: bucket ids offset by round, ties kept in position order.
 
   Padding sorts into an extra last bucket of its round, so what padding holds never moves real
-  tokens between chunks.
+  tokens between chunks. On CPU where `cpu_kernel` is built, a counting sort
+  (`bucket_sort.cc`, linear in the length); elsewhere XLA's comparison sort.
 
   Args:
     buckets: `[B, N, R, L]` int32.
@@ -610,10 +611,20 @@ def _sort_slots(buckets: jax.Array, mask: jax.Array | None, total_buckets: int):
     `(sort_idx, undo_idx, pos)`, each `[B, N, S]` int32: the slot (round-major) each sorted
     position takes, its inverse permutation, and the original position of each sorted slot.
   """
-  batch, heads, n_hashes, length = buckets.shape
-  slots = n_hashes * length
   sort_buckets = buckets if mask is None else jnp.where(mask[:, None, None, :], buckets,
                                                          total_buckets)
+  if cpu_kernel.available():
+    # On CPU a counting sort (linear in L); elsewhere XLA's sort below.
+    return jax.lax.platform_dependent(
+        sort_buckets, cpu=lambda b: cpu_kernel.bucket_sort(b, total_buckets + 1),
+        default=functools.partial(_xla_sort_slots, total_buckets=total_buckets))
+  return _xla_sort_slots(sort_buckets, total_buckets=total_buckets)
+
+
+def _xla_sort_slots(sort_buckets: jax.Array, *, total_buckets: int):
+  """`_sort_slots` of buckets with padding already in bucket `total_buckets`, by XLA's sort."""
+  batch, heads, n_hashes, length = sort_buckets.shape
+  slots = n_hashes * length
   keyed = (sort_buckets + (total_buckets + 1) * jnp.arange(n_hashes, dtype=jnp.int32)[:, None])
   keyed = keyed.reshape(batch, heads, slots)
   if (total_buckets + 1) * slots <= np.iinfo(np.int32).max:
