@@ -18,9 +18,9 @@ live) of one attention layer's kernel on `[B, L, N, H]` float32 inputs:
 Two regimes: `fixed_tokens` (batch * length = `--tokens`, the paper's Figure 5: flat time per
 token means linear cost) and `batch1`. Everything is compiled first (compile time is reported
 apart), each function is warmed up once (excluded), then all functions of all lengths are timed
-round-robin, `--repeats` rounds, each timed call right after an untimed call of the same
-function (`--no-settle`: right after the previous function), and the median is kept: load from
-other processes on a shared machine then hits every point alike. A point whose compiled memory (`compiled.memory_analysis()`)
+round-robin, `--repeats` rounds, and the median is kept: load from other processes on a shared
+machine then hits every point alike. A round's sample of a function is the fastest of `--calls`
+back-to-back calls, as for the matmul reference. A point whose compiled memory (`compiled.memory_analysis()`)
 does not fit in the available memory (or `--max-bytes`) is skipped with a note, and so is one
 that runs out of memory (XLA `RESOURCE_EXHAUSTED`) while running.
 
@@ -116,9 +116,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--budget-s', type=float, default=120.0,
                  help='time budget per timed function: fewer repeats (at least 1) when the '
                       'warm-up call says the repeats would take longer')
-  p.add_argument('--no-settle', dest='settle', action='store_false',
-                 help='time each round\'s call right after the previous function instead of '
-                      'after one untimed call of its own (the method of files before this flag)')
+  p.add_argument('--calls', type=int, default=REFERENCE_CALLS,
+                 help='back-to-back calls of each function per round, the fastest its sample, '
+                      'as for the matmul reference (default %(default)s; 1: a single call right '
+                      'after the previous function, the method of files before this flag)')
   p.add_argument('--memory-margin', type=float, default=0.7,
                  help='run a point only if its compiled memory is below this fraction of the '
                       'available memory')
@@ -143,8 +144,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.hashes = args.hashes or ([1, 4] if quick else [1, 2, 4, 8])
   args.tokens = args.tokens or (4 * 1024 if quick else 64 * 1024)
   args.repeats = args.repeats or (3 if quick else 5)
-  if args.repeats < 1 or any(h < 1 for h in args.hashes):
-    p.error('--repeats and --hashes must be positive')
+  if args.repeats < 1 or args.calls < 1 or any(h < 1 for h in args.hashes):
+    p.error('--repeats, --calls and --hashes must be positive')
   if 'fixed_tokens' in args.regimes and args.tokens < max(args.lengths):
     p.error(f'--tokens {args.tokens} is below the longest length {max(args.lengths)}: the '
             f'fixed_tokens regime needs batch >= 1; raise --tokens or drop that length')
@@ -299,11 +300,11 @@ def time_cases(cases: list[tuple[dict, list]], args,
   background load, and each sample's round is recorded (`fwd_bwd_rounds`) so `summarize` can
   compare points within a round.
 
-  With `settle` (the default), each timed call follows one untimed call of the same function:
-  the call right after another function pays for that one's traces in the process. Right after
-  a 16K-token full attention call (gigabytes of temporaries, 27 s on the 2-core CPU), LSH-4's
-  forward+backward at 16K took 427 and 804 ms for its next two calls and 132-163 ms from the
-  third on; the matmul reference has the same reason for its back-to-back calls.
+  A function's sample in a round is the fastest of `--calls` back-to-back calls, the estimator
+  of the references: the first calls right after another function pay for that one's traces in
+  the process. Right after a 16K-token full attention call (gigabytes of temporaries, 27 s on the
+  2-core CPU), LSH-4's forward+backward at 16K took 427 and 804 ms for its next two calls and
+  132-163 ms from the third on.
   Returns each reference's samples (seconds), one per round.
   """
   budget: dict[tuple[int, str], int] = {}
@@ -314,9 +315,8 @@ def time_cases(cases: list[tuple[dict, list]], args,
     try:
       for name, fn in fns:
         warm = common.time_call(fn)
-        calls = 2 if args.settle else 1  # per timed sample
         budget[id(point), name] = max(1, min(args.repeats,
-                                             int(args.budget_s / max(calls * warm, 1e-9))))
+                                             int(args.budget_s / max(args.calls * warm, 1e-9))))
     except jax.errors.JaxRuntimeError as err:
       if not common.is_resource_exhausted(err):
         raise
@@ -334,9 +334,8 @@ def time_cases(cases: list[tuple[dict, list]], args,
     for point, fns in live:
       for name, fn in fns:
         if r < budget[id(point), name]:
-          if args.settle:
-            common.block(fn())
-          point[name.replace('_s', '_samples_s')].append(common.time_call(fn))
+          point[name.replace('_s', '_samples_s')].append(
+              min(common.time_call(fn) for _ in range(args.calls)))
           point[name.replace('_s', '_rounds')].append(r)
     print(f'round {r + 1}/{args.repeats} done', flush=True)
   for point, _ in live:

@@ -286,8 +286,14 @@ def _opcode(line: str) -> str:
 
 def categorize(name: str, line: str, bodies: Mapping[str, str]) -> str:
   """What an HLO op mostly does: matmul, sort, gather, scatter, reduce, concatenate,
-  elementwise (masks, exp, arithmetic) or copy (transposes, slices, pads)."""
+  elementwise (masks, exp, arithmetic), copy (transposes, slices, pads) or chunk_kernel (the
+  CPU LSH chunk kernel's FFI calls; its counting sort is a sort)."""
   opcode = _opcode(line)
+  if opcode == 'custom-call':
+    target = re.search(r'custom_call_target="([^"]*)"', line)
+    target = target.group(1) if target else ''
+    return 'sort' if 'sort' in target else 'chunk_kernel' if 'chunk_attention' in target else (
+        'elementwise')
   if opcode != 'fusion':
     return _OPCODES.get(opcode, 'copy' if opcode in _MOVES else 'elementwise')
   if 'kind=kCustom' in line:  # a library fusion (XNNPACK/YNNPACK): look inside

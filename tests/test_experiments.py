@@ -139,19 +139,29 @@ def test_timing_survives_out_of_memory_and_reraises_other_errors():
 
 
 
-@pytest.mark.parametrize('settle', [True, False])
-def test_each_timed_call_follows_an_untimed_call_of_its_own(settle):
-  argv = ['--lengths', '64', '--repeats', '3', '--out', '/dev/null']
-  args = attention_timing.parse_args(argv + ([] if settle else ['--no-settle']))
-  assert args.settle is settle
+@pytest.mark.parametrize('calls', [3, 1])
+def test_a_sample_is_the_fastest_of_back_to_back_calls(monkeypatch, calls):
+  argv = ['--lengths', '64', '--repeats', '2', '--out', '/dev/null']
+  args = attention_timing.parse_args(argv + ([] if calls == 3 else ['--calls', '1']))
+  assert args.calls == calls
   log = []
+  durations = {'fwd_s': iter([9.0, 0.5, 0.3, 0.4, 0.2, 0.1, 0.6]), 'fwd_bwd_s': iter(range(9)),
+               'matmul': iter(range(99))}  # seconds of each function's successive calls
+  fns = [(name, lambda name=name: name) for name in ('fwd_s', 'fwd_bwd_s')]
+
+  def time_call(fn):
+    name = fn()
+    log.append(name)
+    return float(next(durations[name]))
+  monkeypatch.setattr(attention_timing.common, 'time_call', time_call)
   point = {'note': None, 'batch': 1, 'length': 64, 'fwd_samples_s': [], 'fwd_bwd_samples_s': [],
            'fwd_rounds': [], 'fwd_bwd_rounds': []}
-  fns = [(name, lambda name=name: log.append(name)) for name in ('fwd_s', 'fwd_bwd_s')]
-  attention_timing.time_cases([(point, fns)], args, {'matmul': lambda: jax.numpy.ones(2)})
-  per_sample = ['fwd_s', 'fwd_s', 'fwd_bwd_s', 'fwd_bwd_s'] if settle else ['fwd_s', 'fwd_bwd_s']
-  assert log == ['fwd_s', 'fwd_bwd_s'] + per_sample * 3  # warm-ups, then three rounds
-  assert len(point['fwd_bwd_samples_s']) == 3 and point['fwd_bwd_rounds'] == [0, 1, 2]
+  attention_timing.time_cases([(point, fns)], args, {'matmul': lambda: 'matmul'})
+  functions = [name for name in log if name != 'matmul']
+  assert functions == ['fwd_s', 'fwd_bwd_s'] + (['fwd_s'] * calls + ['fwd_bwd_s'] * calls) * 2
+  # After the warm-up (9 s): the fastest of each round's back-to-back calls.
+  assert point['fwd_samples_s'] == ([0.3, 0.1] if calls == 3 else [0.5, 0.3])
+  assert point['fwd_rounds'] == [0, 1]
 
 
 def test_a_compile_out_of_memory_is_a_skipped_point(monkeypatch):
