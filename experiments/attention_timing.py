@@ -20,9 +20,10 @@ token means linear cost) and `batch1`. Everything is compiled first (compile tim
 apart), each function is warmed up once (excluded), then all functions of all lengths are timed
 round-robin, `--repeats` rounds, and the median is kept: load from other processes on a shared
 machine then hits every point alike. A round's sample of a function is the fastest of `--calls`
-back-to-back calls, as for the matmul reference. A point whose compiled memory (`compiled.memory_analysis()`)
-does not fit in the available memory (or `--max-bytes`) is skipped with a note, and so is one
-that runs out of memory (XLA `RESOURCE_EXHAUSTED`) while running.
+back-to-back calls, as for the matmul reference. A point whose compiled memory
+(`compiled.memory_analysis()`) does not fit in the available memory (or `--max-bytes`) is
+skipped with a note, and so is one that runs out of memory (XLA `RESOURCE_EXHAUSTED`) while
+running.
 
 FLOPs of the forward+backward pass follow the issue's count, 12 * R * B * L * N * H * K
 (R hash rounds, K keys per query: the chunk window `2 * chunk_len` for LSH and local, L for full

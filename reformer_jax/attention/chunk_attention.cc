@@ -227,14 +227,8 @@ void Transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, con
 }
 
 // Chunk w of row r's unit-normalized keys, written transposed ([H, C]) or not ([C, H]), and
-// the inverse norms [C] (`inv_norm`, or a local copy when null).
+// the inverse norms [C].
 void UnitKeys(const Dims& d, const float* x, float* unit, bool transposed, float* inv_norm) {
-  float local[256];
-  std::vector<float> heap;
-  if (!inv_norm) {
-    if (d.c > 256) heap.resize(d.c);
-    inv_norm = d.c > 256 ? heap.data() : local;
-  }
   for (int64_t i = 0; i < d.c; ++i) {
     const float* xi = x + i * d.h;
     v16 ss{};
@@ -309,6 +303,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
 
   ParallelFor(pool, blocks.count, 1, [&](int64_t first, int64_t last) {
     std::vector<float> raw, unit_t, vals;  // [offsets, C, H], transposed [offsets, H, C], values
+    std::vector<float> inv_norm(d.c);      // one chunk's, not needed after its transposed keys
     std::vector<float> scratch(save_probs ? 0 : d.c * d.k);  // one chunk's probabilities
     std::vector<int32_t> key_pos(d.k), key_valid(d.k);
     for (int64_t bi = first; bi < last; ++bi) {
@@ -322,7 +317,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
         const int64_t w = Wrap(g0 - d.before + o, d.g);
         GatherChunk(d, sqk, d.h, q_pos, r, w, raw.data() + o * chunk_qk);
         GatherChunk(d, sv, d.hv, q_pos, r, w, vals.data() + o * chunk_v);
-        UnitKeys(d, raw.data() + o * chunk_qk, unit_t.data() + o * chunk_qk, true, nullptr);
+        UnitKeys(d, raw.data() + o * chunk_qk, unit_t.data() + o * chunk_qk, true,
+                 inv_norm.data());
       }
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t t = r * d.g + g;

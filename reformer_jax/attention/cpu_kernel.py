@@ -7,6 +7,8 @@ between; `chunk_attention.cc` gathers a chunk's rows from the unsorted inputs as
 does the chunk's whole step out of cache and spreads chunks over XLA's intra-op threads. It is
 compiled on first use with the machine's C++ compiler (`-O3 -march=native`, a few seconds) into
 a cache directory and registered as the FFI targets `reformer_chunk_attention_fwd` / `_bwd`.
+The same library holds LSH's counting sort of the buckets (`bucket_sort.cc`, FFI target
+`reformer_bucket_sort`, used by `lsh._sort_slots`).
 
 `REFORMER_JAX_CPU_KERNEL`: `auto` (default) uses the kernel where it applies (float32, chunk
 and head widths multiples of 16, the CPU backend) and falls back to the XLA version, with one
@@ -89,7 +91,7 @@ def build() -> pathlib.Path:
     built = pathlib.Path(tmp) / target.name
     command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o',
                str(built)]
-    logging.info('Compiling the LSH chunk kernel: %s', ' '.join(command))
+    logging.info('Compiling the LSH CPU kernels: %s', ' '.join(command))
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
       raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-4000:]}')
