@@ -19,15 +19,39 @@ from reformer_jax import host_memory
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+  """The first processor's fields of /proc/cpuinfo ({} where unreadable)."""
+  fields: dict[str, str] = {}
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
       for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
+        if not line.strip():
+          break
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  return fields
+
+
+def _cpu_model() -> str:
+  return _cpuinfo().get('model name') or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str | None:
+  """'family/model/stepping' of an x86 CPU (virtual machines often name it only 'AMD EPYC':
+  '25/1/1' is Zen 3, '25/17/...' Zen 4), None elsewhere."""
+  info = _cpuinfo()
+  parts = [info.get(k) for k in ('cpu family', 'model', 'stepping')]
+  return '/'.join(parts) if all(parts) else None  # type: ignore[arg-type]
+
+
+def vector_isa() -> str | None:
+  """The widest vector instruction set the CPU reports: 'avx512f', 'avx2', 'avx', 'sse4_2',
+  'asimd' (ARM), or None where unreadable. The LSH CPU kernel's vector width follows it."""
+  flags = set((_cpuinfo().get('flags') or _cpuinfo().get('Features') or '').split())
+  return next((isa for isa in ('avx512f', 'avx2', 'avx', 'sse4_2', 'asimd') if isa in flags),
+              None)
 
 
 def _git_commit() -> str | None:
@@ -55,6 +79,8 @@ def machine_info() -> dict[str, Any]:
       'device': device.device_kind,
       'device_count': jax.device_count(),
       'cpu': _cpu_model(),
+      'cpu_id': cpu_id(),
+      'cpu_vector_isa': vector_isa(),
       'cpu_cores': cpus,
       'ram_bytes': total_ram_bytes(),
       'device_memory_bytes': (device.memory_stats() or {}).get('bytes_limit'),

@@ -40,90 +40,105 @@ constexpr float kMask = -1e9f;
 constexpr float kSelf = -5e4f;
 constexpr float kEps = 1e-6f;
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
+// The CPU's vector width in floats: GCC's generic vectors wider than the machine's registers
+// are split into pieces it schedules poorly (16-float vectors ran the products at 7 GFLOP/s a
+// core on an AVX2 CPU, about a tenth of its FMA peak).
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#define REFORMER_LANES(F) F(0), F(1), F(2), F(3), F(4), F(5), F(6), F(7), F(8), F(9), F(10), \
+    F(11), F(12), F(13), F(14), F(15)
+#elif defined(__AVX__)
+constexpr int kW = 8;
+#define REFORMER_LANES(F) F(0), F(1), F(2), F(3), F(4), F(5), F(6), F(7)
+#else
+constexpr int kW = 4;  // SSE, NEON
+#define REFORMER_LANES(F) F(0), F(1), F(2), F(3)
+#endif
 
-inline v16 Load(const float* p) {
-  v16 x;
+typedef float vf __attribute__((vector_size(4 * kW)));
+typedef int32_t vi __attribute__((vector_size(4 * kW)));
+
+inline vf Load(const float* p) {
+  vf x;
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
-inline void Store(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
-inline i16 LoadInt(const int32_t* p) {
-  i16 x;
+inline void Store(float* p, vf x) { std::memcpy(p, &x, sizeof(x)); }
+inline vi LoadInt(const int32_t* p) {
+  vi x;
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
-inline float Sum(v16 x) {
+inline float Sum(vf x) {
   float s = 0;
-  for (int i = 0; i < 16; ++i) s += x[i];
+  for (int i = 0; i < kW; ++i) s += x[i];
   return s;
 }
-inline float Max(v16 x) {
+inline float Max(vf x) {
   float m = x[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  for (int i = 1; i < kW; ++i) m = std::max(m, x[i]);
   return m;
 }
 
 // exp(x) to about 2 ulp for x >= -87 (Cody-Waite reduction, degree-6 polynomial); 0 below.
-inline v16 Exp(v16 x) {
-  const i16 under = x < -87.0f;
-  x = x < -87.0f ? v16{} - 87.0f : x;
-  x = x > 88.0f ? v16{} + 88.0f : x;
-  const v16 shift = v16{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  v16 n = (x * 1.44269504088896341f + shift) - shift;
-  v16 r = x - n * 0.693359375f;
+inline vf Exp(vf x) {
+  const vi under = x < -87.0f;
+  x = x < -87.0f ? vf{} - 87.0f : x;
+  x = x > 88.0f ? vf{} + 88.0f : x;
+  const vf shift = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = (x * 1.44269504088896341f + shift) - shift;
+  vf r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 scale;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const v16 y = p * scale;
-  return under ? v16{} : y;
+  const vf y = p * scale;
+  return under ? vf{} : y;
 }
 
-// Register tiles of the small products: up to kRows rows by kVecs vectors of 16 columns
-// (6 x 4 reached ~80% of a core's FMA peak at 64 x 64 x 64 here, 4 x 4 ~58%).
-#ifdef __AVX512F__
+// Register tiles of the small products: up to kRows rows by kVecs vectors of kW columns
+// (AVX-512, 6 x 4: ~80% of a core's FMA peak at 64 x 64 x 64 here, 4 x 4 ~58%).
+#if defined(__AVX512F__)
 constexpr int kRows = 6, kVecs = 4;  // 24 of the 32 zmm registers accumulate
 #else
-constexpr int kRows = 6, kVecs = 1;  // AVX2: 12 of the 16 ymm registers
+constexpr int kRows = 6, kVecs = 2;  // 12 of the 16 ymm (or xmm) registers
 #endif
 
-// c[i, n] (+)= sum_k a[i, k] b[k, n] for i < R, n < 16 * V: `a` read with strides
+// c[i, n] (+)= sum_k a[i, k] b[k, n] for i < R, n < kW * V: `a` read with strides
 // (a_row, a_col), so a matrix or a transposed one; `b` and `c` row-major.
 template <int R, int V, bool kAcc>
 inline void Tile(int64_t depth, const float* a, int64_t a_row, int64_t a_col, const float* b,
                  int64_t ldb, float* c, int64_t ldc) {
-  v16 acc[R][V];
+  vf acc[R][V];
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < V; ++v) acc[i][v] = kAcc ? Load(c + i * ldc + 16 * v) : v16{};
+    for (int v = 0; v < V; ++v) acc[i][v] = kAcc ? Load(c + i * ldc + kW * v) : vf{};
   for (int64_t k = 0; k < depth; ++k) {
-    v16 bv[V];
-    for (int v = 0; v < V; ++v) bv[v] = Load(b + k * ldb + 16 * v);
+    vf bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = Load(b + k * ldb + kW * v);
     for (int i = 0; i < R; ++i) {
       const float s = a[i * a_row + k * a_col];
       for (int v = 0; v < V; ++v) acc[i][v] += s * bv[v];
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < V; ++v) Store(c + i * ldc + 16 * v, acc[i][v]);
+    for (int v = 0; v < V; ++v) Store(c + i * ldc + kW * v, acc[i][v]);
 }
 
-// Rows [i, i + R) of the product, all columns: full-width tiles, then 16-column ones.
+// Rows [i, i + R) of the product, all columns: full-width tiles, then kW-column ones.
 template <int R, bool kAcc>
 inline void Rows(int64_t n, int64_t depth, const float* a, int64_t a_row, int64_t a_col,
                  const float* b, int64_t ldb, float* c, int64_t ldc) {
   int64_t j = 0;
-  for (; j + 16 * kVecs <= n; j += 16 * kVecs)
+  for (; j + kW * kVecs <= n; j += kW * kVecs)
     Tile<R, kVecs, kAcc>(depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
-  for (; j < n; j += 16) Tile<R, 1, kAcc>(depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+  for (; j < n; j += kW) Tile<R, 1, kAcc>(depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
 }
 
 // C[M, N] (+)= A[M, D] B[D, N]; M a multiple of 2, N of 16.
@@ -178,29 +193,19 @@ void GatherChunk(const Dims& d, const float* x, int64_t width, const int32_t* q_
     std::memcpy(out + i * width, row + pos[i] * width, width * sizeof(float));
 }
 
-// One step of a 16 x 16 transpose in registers: rows i and i + S (i & S == 0) swap the
-// S-wide blocks off their diagonal. After the steps S = 8, 4, 2, 1 row k holds column k.
+// One step of a kW x kW transpose in registers: rows i and i + S (i & S == 0) swap the
+// S-wide blocks off their diagonal. After the steps S = kW / 2, ..., 2, 1 row k holds column k.
 template <int S>
-inline void SwapBlocks(v16* m) {
-  constexpr i16 lo = {(0 & S) ? 16 + 0 - S : 0, (1 & S) ? 16 + 1 - S : 1,
-                      (2 & S) ? 16 + 2 - S : 2, (3 & S) ? 16 + 3 - S : 3,
-                      (4 & S) ? 16 + 4 - S : 4, (5 & S) ? 16 + 5 - S : 5,
-                      (6 & S) ? 16 + 6 - S : 6, (7 & S) ? 16 + 7 - S : 7,
-                      (8 & S) ? 16 + 8 - S : 8, (9 & S) ? 16 + 9 - S : 9,
-                      (10 & S) ? 16 + 10 - S : 10, (11 & S) ? 16 + 11 - S : 11,
-                      (12 & S) ? 16 + 12 - S : 12, (13 & S) ? 16 + 13 - S : 13,
-                      (14 & S) ? 16 + 14 - S : 14, (15 & S) ? 16 + 15 - S : 15};
-  constexpr i16 hi = {(0 & S) ? 16 + 0 : 0 + S, (1 & S) ? 16 + 1 : 1 + S,
-                      (2 & S) ? 16 + 2 : 2 + S, (3 & S) ? 16 + 3 : 3 + S,
-                      (4 & S) ? 16 + 4 : 4 + S, (5 & S) ? 16 + 5 : 5 + S,
-                      (6 & S) ? 16 + 6 : 6 + S, (7 & S) ? 16 + 7 : 7 + S,
-                      (8 & S) ? 16 + 8 : 8 + S, (9 & S) ? 16 + 9 : 9 + S,
-                      (10 & S) ? 16 + 10 : 10 + S, (11 & S) ? 16 + 11 : 11 + S,
-                      (12 & S) ? 16 + 12 : 12 + S, (13 & S) ? 16 + 13 : 13 + S,
-                      (14 & S) ? 16 + 14 : 14 + S, (15 & S) ? 16 + 15 : 15 + S};
-  for (int i = 0; i < 16; ++i) {
+inline void SwapBlocks(vf* m) {
+#define REFORMER_LO(k) (((k) & S) ? kW + (k) - S : (k))
+#define REFORMER_HI(k) (((k) & S) ? kW + (k) : (k) + S)
+  constexpr vi lo = {REFORMER_LANES(REFORMER_LO)};
+  constexpr vi hi = {REFORMER_LANES(REFORMER_HI)};
+#undef REFORMER_LO
+#undef REFORMER_HI
+  for (int i = 0; i < kW; ++i) {
     if (i & S) continue;
-    const v16 a = m[i], b = m[i + S];
+    const vf a = m[i], b = m[i + S];
     m[i] = __builtin_shuffle(a, b, lo);
     m[i + S] = __builtin_shuffle(a, b, hi);
   }
@@ -210,18 +215,18 @@ inline void SwapBlocks(v16* m) {
 // `ld_src` and dst [cols, rows] with row stride `ld_dst`; rows and cols multiples of 16.
 void Transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, const float* scale,
                float* dst, int64_t ld_dst) {
-  v16 m[16];
-  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
-    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-      for (int i = 0; i < 16; ++i) {
+  vf m[kW];
+  for (int64_t i0 = 0; i0 < rows; i0 += kW) {
+    for (int64_t j0 = 0; j0 < cols; j0 += kW) {
+      for (int i = 0; i < kW; ++i) {
         m[i] = Load(src + (i0 + i) * ld_src + j0);
         if (scale) m[i] *= scale[i0 + i];
       }
-      SwapBlocks<8>(m);
-      SwapBlocks<4>(m);
+      if constexpr (kW >= 16) SwapBlocks<8>(m);
+      if constexpr (kW >= 8) SwapBlocks<4>(m);
       SwapBlocks<2>(m);
       SwapBlocks<1>(m);
-      for (int j = 0; j < 16; ++j) Store(dst + (j0 + j) * ld_dst + i0, m[j]);
+      for (int j = 0; j < kW; ++j) Store(dst + (j0 + j) * ld_dst + i0, m[j]);
     }
   }
 }
@@ -231,15 +236,15 @@ void Transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, con
 void UnitKeys(const Dims& d, const float* x, float* unit, bool transposed, float* inv_norm) {
   for (int64_t i = 0; i < d.c; ++i) {
     const float* xi = x + i * d.h;
-    v16 ss{};
-    for (int64_t e = 0; e < d.h; e += 16) {
-      const v16 xv = Load(xi + e);
+    vf ss{};
+    for (int64_t e = 0; e < d.h; e += kW) {
+      const vf xv = Load(xi + e);
       ss += xv * xv;
     }
     const float inv = 1.0f / std::sqrt(Sum(ss) + kEps);
     inv_norm[i] = inv;
     if (!transposed)
-      for (int64_t e = 0; e < d.h; e += 16) Store(unit + i * d.h + e, Load(xi + e) * inv);
+      for (int64_t e = 0; e < d.h; e += kW) Store(unit + i * d.h + e, Load(xi + e) * inv);
   }
   if (transposed) Transpose(x, d.h, d.c, d.h, inv_norm, unit, d.c);
 }
@@ -256,15 +261,15 @@ void WindowKeys(const Dims& d, const int32_t* q_pos, const bool* k_valid, int64_
   for (int64_t kk = 0; kk < d.k; ++kk) key_valid[kk] = valid[kk] ? -1 : 0;
 }
 
-// The allowed and self masks of a query at original position `qp` against the 16 window keys
+// The allowed and self masks of a query at original position `qp` against the kW window keys
 // from column kk on.
 struct Masks {
-  i16 allowed, self;
+  vi allowed, self;
 };
 inline Masks ChunkMasks(const int32_t* key_pos, const int32_t* key_valid, int32_t qp, int64_t kk,
                         bool causal) {
-  const i16 kp = LoadInt(key_pos + kk);
-  i16 allowed = LoadInt(key_valid + kk);
+  const vi kp = LoadInt(key_pos + kk);
+  vi allowed = LoadInt(key_valid + kk);
   if (causal) allowed &= kp <= qp;
   return {allowed, kp == qp};
 }
@@ -330,27 +335,27 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
                       p + j * d.c, d.k);
         for (int64_t qi = 0; qi < d.c; ++qi) {
           float* row = p + qi * d.k;
-          v16 mx = v16{} + kMask;
+          vf mx = vf{} + kMask;
           const int32_t qp = q_pos[t * d.c + qi];
-          for (int64_t kk = 0; kk < d.k; kk += 16) {
+          for (int64_t kk = 0; kk < d.k; kk += kW) {
             const Masks m = ChunkMasks(key_pos.data(), key_valid.data(), qp, kk, causal);
-            v16 x = Load(row + kk);
-            x = m.self ? v16{} + kSelf : x;
-            x = m.allowed ? x : v16{} + kMask;
+            vf x = Load(row + kk);
+            x = m.self ? vf{} + kSelf : x;
+            x = m.allowed ? x : vf{} + kMask;
             Store(row + kk, x);
             mx = mx > x ? mx : x;
           }
           const float top = Max(mx);
-          v16 total{};
-          for (int64_t kk = 0; kk < d.k; kk += 16) {
-            const v16 e = Exp(Load(row + kk) - top);
+          vf total{};
+          for (int64_t kk = 0; kk < d.k; kk += kW) {
+            const vf e = Exp(Load(row + kk) - top);
             Store(row + kk, e);
             total += e;
           }
           const float sum = Sum(total);
           lse[t * d.c + qi] = top + std::log(sum);
           const float inv = 1.0f / sum;
-          for (int64_t kk = 0; kk < d.k; kk += 16) Store(row + kk, Load(row + kk) * inv);
+          for (int64_t kk = 0; kk < d.k; kk += kW) Store(row + kk, Load(row + kk) * inv);
         }
         // out = p v: the window's values are consecutive offsets, so one product of depth K.
         Gemm<false>(d.c, d.hv, d.k, p, d.k, 1, vals.data() + (g - g0) * chunk_v, d.hv,
@@ -365,11 +370,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
 void AddUnitGradient(const Dims& d, const float* unit, const float* inv_norm, const float* dk,
                      float* d_sqk) {
   for (int64_t i = 0; i < d.c; ++i) {
-    v16 dot{};
-    for (int64_t e = 0; e < d.h; e += 16) dot += Load(unit + i * d.h + e) * Load(dk + i * d.h + e);
+    vf dot{};
+    for (int64_t e = 0; e < d.h; e += kW) dot += Load(unit + i * d.h + e) * Load(dk + i * d.h + e);
     const float proj = Sum(dot), inv = inv_norm[i];
-    for (int64_t e = 0; e < d.h; e += 16) {
-      const v16 dx = (Load(dk + i * d.h + e) - Load(unit + i * d.h + e) * proj) * inv;
+    for (int64_t e = 0; e < d.h; e += kW) {
+      const vf dx = (Load(dk + i * d.h + e) - Load(unit + i * d.h + e) * proj) * inv;
       Store(d_sqk + i * d.h + e, Load(d_sqk + i * d.h + e) + dx);
     }
   }
@@ -435,16 +440,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
           Gemm<false>(d.c, d.c, d.hv, dout, d.hv, 1, v_t.data() + (g - g0 + j) * chunk_v, d.c,
                       ds.data() + j * d.c, d.k);
         for (int64_t qi = 0; qi < d.c; ++qi) {  // d logits = p (d probs - <d_out, out> + d_lse)
-          v16 dot{};
-          for (int64_t e = 0; e < d.hv; e += 16)
+          vf dot{};
+          for (int64_t e = 0; e < d.hv; e += kW)
             dot += Load(dout + qi * d.hv + e) * Load(out + t * chunk_v + qi * d.hv + e);
           const float delta = Sum(dot) - d_lse[t * d.c + qi];
           float* row = ds.data() + qi * d.k;
           const int32_t qp = q_pos[t * d.c + qi];
-          for (int64_t kk = 0; kk < d.k; kk += 16) {
+          for (int64_t kk = 0; kk < d.k; kk += kW) {
             const Masks m = ChunkMasks(key_pos.data(), key_valid.data(), qp, kk, causal);
-            const v16 x = Load(p + qi * d.k + kk) * (Load(row + kk) - delta);
-            Store(row + kk, (m.allowed & ~m.self) ? x : v16{});
+            const vf x = Load(p + qi * d.k + kk) * (Load(row + kk) - delta);
+            Store(row + kk, (m.allowed & ~m.self) ? x : vf{});
           }
         }
         // d q = d logits k: the window's keys are consecutive offsets, one product of depth K.
@@ -502,9 +507,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
             if (h >= h0 + after && h < h1 - d.before) continue;  // interior of that block
             if (Wrap(h, d.g) != g) continue;
             const int64_t s = b2 * 2 * edge + halo_slot(offsets, o);
-            for (int64_t e = 0; e < chunk_qk; e += 16)
+            for (int64_t e = 0; e < chunk_qk; e += kW)
               Store(&dk[e], Load(&dk[e]) + Load(&halo_k[s * chunk_qk + e]));
-            for (int64_t e = 0; e < chunk_v; e += 16)
+            for (int64_t e = 0; e < chunk_v; e += kW)
               Store(dv + e, Load(dv + e) + Load(&halo_v[s * chunk_v + e]));
           }
         }
