@@ -16,11 +16,13 @@ live) of one attention layer's kernel on `[B, L, N, H]` float32 inputs:
 * `lsh`: `reformer_jax.attention.lsh_attention` (shared qk) with each of `--hashes` rounds.
 
 Two regimes: `fixed_tokens` (batch * length = `--tokens`, the paper's Figure 5: flat time per
-token means linear cost) and `batch1`. Everything is compiled first (compile time is reported
-apart), each function is warmed up once (excluded), then all functions of all lengths are timed
-round-robin, `--repeats` rounds, and the median is kept: load from other processes on a shared
-machine then hits every point alike. A round's sample of a function is the fastest of `--calls`
-back-to-back calls, as for the matmul reference. A point whose compiled memory
+token means linear cost) and `batch1`. Each attention kind (full, local, LSH with all its hash
+counts) runs in its own worker process, the references in another (`run_workers`;
+`--one-process`: all in this one). Everything is compiled first (compile time is reported apart),
+each function is warmed up once (excluded), then all functions of all lengths are timed
+round-robin, `--repeats` rounds (round r asks each process in turn), and the median is kept:
+load from other processes on a shared machine then hits every point alike. A round's sample of a
+function is the fastest of `--calls` back-to-back calls, as for the matmul reference. A point whose compiled memory
 (`compiled.memory_analysis()`) does not fit in the available memory (or `--max-bytes`) is
 skipped with a note, and so is one that runs out of memory (XLA `RESOURCE_EXHAUSTED`) while
 running.
@@ -60,7 +62,9 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -121,6 +125,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='back-to-back calls of each function per round, the fastest its sample, '
                       'as for the matmul reference (default %(default)s; 1: a single call right '
                       'after the previous function, the method of files before this flag)')
+  p.add_argument('--one-process', action='store_true',
+                 help='time every attention kind and the references in this process (the method '
+                      'of files before this flag) instead of one worker process each')
   p.add_argument('--memory-margin', type=float, default=0.7,
                  help='run a point only if its compiled memory is below this fraction of the '
                       'available memory')
@@ -291,24 +298,11 @@ def _label(p) -> str:
           f"{Variant(p['attention'], p['n_hashes']).label}")
 
 
-def time_cases(cases: list[tuple[dict, list]], args,
-               references: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
-  """Warms every function up once (excluded), then times them round-robin `--repeats` rounds.
-
-  Every round times each reference (the matmul, the chunk matmuls; best of `REFERENCE_CALLS`
-  back-to-back calls) and every function once (a function whose warm-up says its repeats would
-  overrun `--budget-s` sits out the later rounds). Interleaving puts all points under the same
-  background load, and each sample's round is recorded (`fwd_bwd_rounds`) so `summarize` can
-  compare points within a round.
-
-  A function's sample in a round is the fastest of `--calls` back-to-back calls, the estimator
-  of the references: the first calls right after another function pay for that one's traces in
-  the process. Right after a 16K-token full attention call (gigabytes of temporaries, 27 s on the
-  2-core CPU), LSH-4's forward+backward at 16K took 427 and 804 ms for its next two calls and
-  132-163 ms from the third on.
-  Returns each reference's samples (seconds), one per round.
-  """
-  budget: dict[tuple[int, str], int] = {}
+def warm_up(cases: list[tuple[dict, list]], args) -> list[tuple[dict, list]]:
+  """Calls every function once (excluded from the samples) and sets how many rounds it is timed
+  in (`point['_budget']`): all `--repeats`, or fewer when its warm-up says they would overrun
+  `--budget-s`. A point that runs out of memory gets a note and is left out. Returns the live
+  `(point, fns)` pairs."""
   live = []
   for point, fns in cases:
     if not fns:
@@ -316,34 +310,71 @@ def time_cases(cases: list[tuple[dict, list]], args,
     try:
       for name, fn in fns:
         warm = common.time_call(fn)
-        budget[id(point), name] = max(1, min(args.repeats,
-                                             int(args.budget_s / max(args.calls * warm, 1e-9))))
+        point.setdefault('_budget', {})[name] = max(
+            1, min(args.repeats, int(args.budget_s / max(args.calls * warm, 1e-9))))
     except jax.errors.JaxRuntimeError as err:
       if not common.is_resource_exhausted(err):
         raise
       point['note'] = common.out_of_memory_note(err)
+      point.pop('_budget', None)
       continue
     live.append((point, fns))
-  for call in references.values():
-    common.block(call())
-  samples: dict[str, list[float]] = {name: [] for name in references}
-  for r in range(args.repeats):
-    for name, call in references.items():
-      # The best of a few back-to-back calls: a single call right after a big kernel ran at
-      # half the matmul's rate or less on the 2-core CPU, which flattered every FLOP/s fraction.
-      samples[name].append(min(common.time_call(call) for _ in range(REFERENCE_CALLS)))
-    for point, fns in live:
-      for name, fn in fns:
-        if r < budget[id(point), name]:
-          point[name.replace('_s', '_samples_s')].append(
-              min(common.time_call(fn) for _ in range(args.calls)))
-          point[name.replace('_s', '_rounds')].append(r)
-    print(f'round {r + 1}/{args.repeats} done', flush=True)
-  for point, _ in live:
+  return live
+
+
+def time_round(live: list[tuple[dict, list]], r: int, args) -> None:
+  """Round `r`: each live function's sample, the fastest of `--calls` back-to-back calls (the
+  first calls right after another function pay for that one's traces in the process: right
+  after a 16K-token full attention call, gigabytes of temporaries and 27 s on the 2-core CPU,
+  LSH-4's forward+backward at 16K took 427 and 804 ms for its next two calls and 132-163 ms from
+  the third on), and the round it was taken in."""
+  for point, fns in live:
+    for name, fn in fns:
+      if r < point['_budget'][name]:
+        point[name.replace('_s', '_samples_s')].append(
+            min(common.time_call(fn) for _ in range(args.calls)))
+        point[name.replace('_s', '_rounds')].append(r)
+
+
+def time_references(references: dict[str, Callable[[], Any]],
+                    samples: dict[str, list[float]]) -> None:
+  """One round of the references: each one's fastest of `REFERENCE_CALLS` back-to-back calls (a
+  single call right after a big kernel ran at half the matmul's rate or less on the 2-core CPU,
+  which flattered every FLOP/s fraction)."""
+  for name, call in references.items():
+    samples.setdefault(name, []).append(
+        min(common.time_call(call) for _ in range(REFERENCE_CALLS)))
+
+
+def finish(point: dict[str, Any]) -> None:
+  """A point's medians from its samples so far (nothing for a point with none)."""
+  if point['fwd_bwd_samples_s']:
     point['fwd_s'] = common.median(point['fwd_samples_s'])
     point['fwd_bwd_s'] = common.median(point['fwd_bwd_samples_s'])
     point['repeats'] = len(point['fwd_bwd_samples_s'])
     point['time_per_token_s'] = point['fwd_bwd_s'] / (point['batch'] * point['length'])
+
+
+def time_cases(cases: list[tuple[dict, list]], args,
+               references: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
+  """All of `cases` and the references in this process (`--one-process`): warm-up, then
+  `--repeats` rounds, each timing the references and then every function once.
+
+  Interleaving puts all points under the same background load, and each sample's round is
+  recorded (`fwd_bwd_rounds`) so `summarize` can compare points within a round.
+  Returns each reference's samples (seconds), one per round.
+  """
+  live = warm_up(cases, args)
+  for call in references.values():
+    common.block(call())
+  samples: dict[str, list[float]] = {name: [] for name in references}
+  for r in range(args.repeats):
+    time_references(references, samples)
+    time_round(live, r, args)
+    print(f'round {r + 1}/{args.repeats} done', flush=True)
+  for point, _ in live:
+    finish(point)
+    point.pop('_budget')
   return samples
 
 
@@ -532,41 +563,195 @@ def replot(args: argparse.Namespace) -> dict[str, Any]:
   return result
 
 
+def prepare_all(args) -> tuple[list, list]:
+  """`prepare` at every length and regime of `args`: `(cases, same)`, where `same` lists
+  `(regime, cases)` for a regime whose configuration (length and batch) an earlier regime's
+  cases already measure (with `--tokens` = length both regimes are batch 1)."""
+  cases, same = [], []
+  for length in sorted(args.lengths):
+    first = None
+    for regime in args.regimes:
+      batch = args.tokens // length if regime == 'fixed_tokens' else 1
+      if first and first[0][0]['batch'] == batch:
+        same.append((regime, first))
+      else:
+        first = prepare(args, length, batch, regime)
+        cases += first
+  return cases, same
+
+
+def all_points(cases: list, same: list) -> list[dict[str, Any]]:
+  points = [p for p, _ in cases] + [dict(p, regime=regime) for regime, first in same
+                                    for p, _ in first]
+  return [{k: v for k, v in p.items() if not k.startswith('_')} for p in points]
+
+
+def references(args) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+  """The references timed in every round: a `--matmul-size` float32 matmul and LSH's chunk
+  matmuls at `--tokens` tokens (one hash round, all heads). Returns the calls and what they
+  are (`{'matmul_flops', 'chunks', 'chunk_flops'}`)."""
+  size = args.matmul_size
+  a, b = (jax.random.normal(jax.random.PRNGKey(i), (size, size), jnp.float32) for i in (0, 1))
+  matmul = jax.jit(jnp.matmul, compiler_options=compiler_options()).lower(a, b).compile()
+  chunks = args.tokens // args.chunk_len * args.heads
+  chunk_call, chunk_flops = chunk_matmuls(batch=chunks, chunk_len=args.chunk_len,
+                                          head_dim=args.head_dim)
+  return ({'matmul': lambda: matmul(a, b), 'chunk_matmuls': chunk_call},
+          {'matmul_flops': 2 * size ** 3, 'chunks': chunks, 'chunk_flops': chunk_flops})
+
+
+REFERENCE = 'reference'  # the worker process that times the references
+
+
+def worker(init: dict[str, Any]) -> None:
+  """A worker process (`--worker`): times one attention kind's points, or the references, one
+  round per request of the parent process (`run_workers`).
+
+  Protocol, one JSON object per line: the parent's first line is `{"args": {...}, "group":
+  KIND}`, later lines `{"round": r}` or `{"exit": true}`; after its warm-up and after each round
+  the worker answers on its original stdout (everything it prints goes to stderr) with
+  `{"points": [...]}` (its points, samples so far) or, for the references, `{"references":
+  {name: [seconds, ...]}, "info": {...}}`.
+  """
+  answer = os.fdopen(os.dup(1), 'w', buffering=1, encoding='utf-8')
+  os.dup2(2, 1)  # prints, warnings and compiler output go to stderr
+  args = argparse.Namespace(**init['args'])
+  group = init['group']
+  if group == REFERENCE:
+    calls, info = references(args)
+    for call in calls.values():
+      common.block(call())
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    reply = lambda: {'references': samples, 'info': info}
+  else:
+    args.attention = [group]
+    cases, same = prepare_all(args)
+    live = warm_up(cases, args)
+    reply = lambda: {'points': all_points(cases, same)}
+  answer.write(json.dumps(reply()) + '\n')
+  for line in sys.stdin:
+    request = json.loads(line)
+    if request.get('exit'):
+      return
+    r = request['round']
+    if group == REFERENCE:
+      time_references(calls, samples)
+    else:
+      time_round(live, r, args)
+      for point, _ in live:
+        finish(point)
+    answer.write(json.dumps(reply()) + '\n')
+
+
+class Worker:
+  """A `--worker` process for one attention kind (or the references), driven by `run_workers`."""
+
+  def __init__(self, group: str, args: argparse.Namespace):
+    self.group = group
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(common.REPO_ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, '-m', 'experiments.attention_timing', '--worker'], cwd=common.REPO_ROOT,
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding='utf-8')
+    init_args = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
+    self.last = self._send({'args': init_args, 'group': group})
+    if self.last is None:
+      raise RuntimeError(f'the {group} worker process exited with code {self.proc.wait()} '
+                         f'before it was ready (its messages are above)')
+
+  def _send(self, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Sends one request; the answer, or None if the process has exited."""
+    try:
+      self.proc.stdin.write(json.dumps(request) + '\n')
+      self.proc.stdin.flush()
+    except (BrokenPipeError, OSError):
+      return None
+    line = self.proc.stdout.readline()
+    return json.loads(line) if line else None
+
+  def round(self, r: int) -> bool:
+    """Round `r` in the worker; False (its earlier rounds kept) if the process has exited."""
+    answer = self._send({'round': r})
+    if answer is None:
+      return False
+    self.last = answer
+    return True
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self._send({'exit': True})
+      try:
+        self.proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def run_workers(args) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, Any]]:
+  """Times each attention kind in its own process, the references in another, round-robin.
+
+  A process that has run full attention (gigabytes of temporaries) stays slower on LSH's larger
+  points long after it: on the 2-core CPU LSH-4 at 16K tokens took 223 ms in a run that timed
+  full and local attention in the same process and 143 ms in one that timed LSH alone
+  (`attention_timing_cpu_lsh_only.json`). So every kind gets its own `--worker` process (as
+  `experiments.peers` runs each implementation in its own), started one after another (each
+  compiles and checks its memory with the earlier ones resident), and round r asks each process
+  in turn for its round r: one process runs at a time, and all see the same background load.
+  Returns the points, the references' samples and what the references are.
+  """
+  workers: list[Worker] = []
+  try:
+    for group in [REFERENCE, *args.attention]:
+      workers.append(Worker(group, args))
+    dead: dict[str, str] = {}
+    start = time.perf_counter()
+    for r in range(args.repeats):
+      for w in workers:
+        if w.group not in dead and not w.round(r):
+          code = w.proc.wait()
+          if w.group == REFERENCE:
+            raise RuntimeError(f'the reference worker process exited with code {code} in round '
+                               f'{r + 1} (its messages are above)')
+          dead[w.group] = (f'its worker process exited with code {code} in round {r + 1} '
+                           f'(likely out of memory if -9); the earlier rounds are kept')
+          print(f'{w.group}: {dead[w.group]}', flush=True)
+      elapsed = time.perf_counter() - start
+      print(f'round {r + 1}/{args.repeats} done, {elapsed:.0f} s; about '
+            f'{elapsed / (r + 1) * (args.repeats - r - 1):.0f} s to go', flush=True)
+  finally:
+    for w in workers:
+      w.close()
+  points = []
+  for w in workers[1:]:
+    for point in w.last['points']:
+      if w.group in dead and point['note'] is None:
+        point['note'] = dead[w.group]
+      points.append(point)
+  return points, workers[0].last['references'], workers[0].last['info']
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  config = {k: v for k, v in vars(args).items() if k not in ('out', 'wandb')}
+  config = {k: v for k, v in vars(args).items() if k not in ('out', 'wandb', 'worker')}
   config['compiler_options'] = compiler_options()
   probe = jnp.zeros((1, 1, args.chunk_len, args.head_dim), jnp.float32)
   config['chunk_kernel'] = ('cpu' if jax.default_backend() == 'cpu' and cpu_kernel.applies(
       probe, probe, args.chunk_len, 1, 0) else 'xla')  # LSH's chunk step: compiled kernel or XLA
   result: dict[str, Any] = {'machine': common.machine_info(), 'config': config}
-  cases, same = [], []  # same: (regime, the case list of the first regime with that config)
-  for length in sorted(args.lengths):
-    first = None
-    for regime in args.regimes:
-      batch = args.tokens // length if regime == 'fixed_tokens' else 1
-      if first and first[0][0]['batch'] == batch:  # both regimes name the same configuration
-        same.append((regime, first))
-      else:
-        first = prepare(args, length, batch, regime)
-        cases += first
-
-  size = args.matmul_size
-  a, b = (jax.random.normal(jax.random.PRNGKey(i), (size, size), jnp.float32) for i in (0, 1))
-  matmul = jax.jit(jnp.matmul, compiler_options=compiler_options()).lower(a, b).compile()
-  # The chunk matmuls of LSH at --tokens tokens, one hash round, all heads.
-  chunks = args.tokens // args.chunk_len * args.heads
-  chunk_call, chunk_flops = chunk_matmuls(batch=chunks, chunk_len=args.chunk_len,
-                                          head_dim=args.head_dim)
-  samples = time_cases(cases, args, {'matmul': lambda: matmul(a, b), 'chunk_matmuls': chunk_call})
-  chunk_rates = [chunk_flops / t for t in samples['chunk_matmuls']]
-  points = [p for p, _ in cases] + [dict(p, regime=regime) for regime, first in same
-                                    for p, _ in first]
+  if args.one_process:
+    cases, same = prepare_all(args)
+    calls, info = references(args)
+    samples = time_cases(cases, args, calls)
+    points = all_points(cases, same)
+  else:
+    points, samples, info = run_workers(args)
   order = {r: i for i, r in enumerate(REGIMES)}
-  result['points'] = sorted(points, key=lambda p: (order[p['regime']], p['length']))
-  rates = [2 * size ** 3 / t for t in samples['matmul']]
+  result['points'] = sorted(points, key=lambda p: (
+      order[p['regime']], p['length'], ATTENTIONS.index(p['attention']), p['n_hashes'] or 0))
+  rates = [info['matmul_flops'] / t for t in samples['matmul']]
+  chunk_rates = [info['chunk_flops'] / t for t in samples['chunk_matmuls']]
   result['matmul_flops_per_s'] = common.median(rates)
-  result['matmul'] = {'size': size, 'samples_flops_per_s': rates}
-  result['chunk_matmuls'] = {'chunks': chunks, 'chunk_len': args.chunk_len,
+  result['matmul'] = {'size': args.matmul_size, 'samples_flops_per_s': rates}
+  result['chunk_matmuls'] = {'chunks': info['chunks'], 'chunk_len': args.chunk_len,
                              'head_dim': args.head_dim, 'samples_flops_per_s': chunk_rates}
   result['summary'] = summarize(result['points'], rates, args.hashes, chunk_rates)
   common.write_json(args.out, result)
@@ -591,7 +776,10 @@ def _flat(d: dict, prefix: str = '') -> dict:
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+  if list(sys.argv[1:] if argv is None else argv) == ['--worker']:
+    host_memory.keep_freed_memory()
+    return worker(json.loads(sys.stdin.readline()))
   args = parse_args(argv)
   host_memory.keep_freed_memory()  # before the first computation
   if args.profile:

@@ -165,6 +165,32 @@ def test_a_sample_is_the_fastest_of_back_to_back_calls(monkeypatch, calls):
   assert point['fwd_rounds'] == [0, 1]
 
 
+def test_each_attention_kind_is_timed_in_its_own_process(tmp_path, monkeypatch):
+  # The local attention worker dies before round 2: its points keep round 1 with a note, while
+  # LSH's worker (another process) goes on; --one-process times the same points in one process.
+  round_ = attention_timing.Worker.round
+
+  def dies(self, r):
+    if self.group == 'local' and r == 1:
+      self.proc.kill()
+      self.proc.wait()
+    return round_(self, r)
+  monkeypatch.setattr(attention_timing.Worker, 'round', dies)
+  argv = ['--lengths', '64', '--hashes', '1', '--tokens', '64', '--repeats', '2', '--regimes',
+          'batch1', '--attention', 'local', 'lsh', '--chunk-len', '32', '--heads', '1',
+          '--head-dim', '16', '--matmul-size', '64']
+  result = attention_timing.main(argv + ['--out', str(tmp_path / 'a.json')])
+  local, lsh = result['points']
+  assert (local['attention'], lsh['attention']) == ('local', 'lsh')
+  assert local['fwd_bwd_rounds'] == [0] and local['repeats'] == 1 and local['fwd_bwd_s'] > 0
+  assert 'worker process exited with code -9 in round 2' in local['note']
+  assert lsh['fwd_bwd_rounds'] == [0, 1] and lsh['note'] is None
+  assert len(result['matmul']['samples_flops_per_s']) == 2
+  one = attention_timing.main(argv + ['--one-process', '--out', str(tmp_path / 'b.json')])
+  assert [(p['attention'], p['fwd_bwd_rounds'], p['note']) for p in one['points']] == [
+      ('local', [0, 1], None), ('lsh', [0, 1], None)]
+
+
 def test_a_compile_out_of_memory_is_a_skipped_point(monkeypatch):
   # A GPU compiler's autotuner can run out of memory while compiling a too-large full attention.
   args = attention_timing.parse_args(['--lengths', '64', '--attention', 'full', 'local',
