@@ -601,6 +601,7 @@ def references(args) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
 
 
 REFERENCE = 'reference'  # the worker process that times the references
+QUADRATIC = ('full', 'cudnn')  # attention kinds whose memory grows with the length squared
 
 
 def worker(init: dict[str, Any]) -> None:
@@ -626,6 +627,8 @@ def worker(init: dict[str, Any]) -> None:
   else:
     args.attention = [group]
     cases, same = prepare_all(args)
+    for point, _ in cases:
+      point['keeps_freed_memory'] = host_memory.applied()
     live = warm_up(cases, args)
     reply = lambda: {'points': all_points(cases, same)}
   answer.write(json.dumps(reply()) + '\n')
@@ -650,6 +653,11 @@ class Worker:
     self.group = group
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(common.REPO_ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    if group in QUADRATIC:
+      # Full attention's gigabyte buffers are mapped afresh every call with kept memory too (its
+      # heap is trimmed past glibc's 2 GiB threshold); kept, its resident memory would stay at
+      # its largest point's peak beside the other workers' (14.7 GiB here: the kernel killed it).
+      env[host_memory.ENV] = '0'
     self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, '-m', 'experiments.attention_timing', '--worker'], cwd=common.REPO_ROOT,
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding='utf-8')
@@ -695,13 +703,15 @@ def run_workers(args) -> tuple[list[dict[str, Any]], dict[str, list[float]], dic
   full and local attention in the same process and 143 ms in one that timed LSH alone
   (`attention_timing_cpu_lsh_only.json`). So every kind gets its own `--worker` process (as
   `experiments.peers` runs each implementation in its own), started one after another (each
-  compiles and checks its memory with the earlier ones resident), and round r asks each process
-  in turn for its round r: one process runs at a time, and all see the same background load.
+  compiles and checks its memory with the earlier ones resident; full attention's last, and
+  without kept freed memory: `Worker`), and round r asks each process in turn for its round r:
+  one process runs at a time, and all see the same background load.
   Returns the points, the references' samples and what the references are.
   """
   workers: list[Worker] = []
   try:
-    for group in [REFERENCE, *args.attention]:
+    # The quadratic kinds start last: their memory checks then see what the others hold.
+    for group in [REFERENCE, *sorted(args.attention, key=lambda a: a in QUADRATIC)]:
       workers.append(Worker(group, args))
     dead: dict[str, str] = {}
     start = time.perf_counter()

@@ -54,6 +54,8 @@ def test_attention_timing_contract(tmp_path):
   for p in points:
     assert TIMING_FIELDS <= set(p), p
     assert p['length'] == 512 and p['batch'] == 1
+    if on_disk['machine']['keeps_freed_memory']:  # full attention's worker leaves malloc as is
+      assert p['keeps_freed_memory'] == (p['attention'] == 'lsh')
     assert (p['n_hashes'] is None) == (p['attention'] == 'full')
     assert p['compiled_bytes'] > 0 and p['compile_s'] > 0
     if p['attention'] == 'full':
