@@ -72,7 +72,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from experiments import common
+from experiments import common, rss
 from reformer_jax import host_memory
 from reformer_jax.attention import cpu_kernel, local_attention, lsh_attention
 
@@ -631,6 +631,10 @@ def worker(init: dict[str, Any]) -> None:
       point['keeps_freed_memory'] = host_memory.applied()
     live = warm_up(cases, args)
     reply = lambda: {'points': all_points(cases, same)}
+  # Before each answer, the heap memory this process freed goes back to the system (the next
+  # round's first call of each function faults it in again; its sample is the fastest of
+  # --calls): otherwise each worker keeps its peak resident while the others run, and they add up.
+  rss.trim_allocator()
   answer.write(json.dumps(reply()) + '\n')
   for line in sys.stdin:
     request = json.loads(line)
@@ -643,6 +647,7 @@ def worker(init: dict[str, Any]) -> None:
       time_round(live, r, args)
       for point, _ in live:
         finish(point)
+    rss.trim_allocator()
     answer.write(json.dumps(reply()) + '\n')
 
 
@@ -655,8 +660,8 @@ class Worker:
         [str(common.REPO_ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
     if group in QUADRATIC:
       # Full attention's gigabyte buffers are mapped afresh every call with kept memory too (its
-      # heap is trimmed past glibc's 2 GiB threshold); kept, its resident memory would stay at
-      # its largest point's peak beside the other workers' (14.7 GiB here: the kernel killed it).
+      # heap is trimmed past glibc's 2 GiB threshold); kept, its resident memory stayed at its
+      # largest point's peak (14.7 GiB here, beside the other workers': the kernel killed it).
       env[host_memory.ENV] = '0'
     self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, '-m', 'experiments.attention_timing', '--worker'], cwd=common.REPO_ROOT,
