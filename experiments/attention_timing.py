@@ -38,7 +38,8 @@ what XLA reaches on them (`chunk_matmuls_flops_fraction`) bounds the XLA version
 step; on CPU the compiled chunk kernel (`reformer_jax.attention.cpu_kernel`, recorded as
 `config.chunk_kernel`) does those products itself and can exceed it.
 Kernels and matmuls compile with the trainer's XLA options (`reformer_jax.train.backend_options`),
-and the run keeps freed host memory mapped (`reformer_jax.host_memory`).
+and the workers keep freed host memory mapped (`reformer_jax.host_memory`; all but full
+attention's, see `Worker`; each point records `keeps_freed_memory`).
 
 Writes `--out` (JSON) and a PNG next to it; `--wandb` logs both to W&B; `--replot` redraws the
 PNG of an existing file; `--profile` writes `<out>_profile.json` instead (time by HLO op).
@@ -48,7 +49,8 @@ PNG of an existing file; `--profile` writes `<out>_profile.json` instead (time b
      "points": [{"regime", "length", "batch", "attention", "n_hashes", "fwd_s", "fwd_bwd_s",
                  "compile_s", "compile_fwd_s", "compiled_bytes", "compiled_fwd_bytes", "flops",
                  "flops_fraction", "flops_fraction_paired", "time_per_token_s", "repeats",
-                 "fwd_samples_s", "fwd_rounds", "fwd_bwd_samples_s", "fwd_bwd_rounds", "note"},
+                 "fwd_samples_s", "fwd_rounds", "fwd_bwd_samples_s", "fwd_bwd_rounds", "note",
+                 "keeps_freed_memory"},
                 ...]}
 
 `fwd_s`, `fwd_bwd_s` are medians in seconds (None when skipped; `note` says why), `compile_s`
@@ -756,6 +758,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases, same = prepare_all(args)
     calls, info = references(args)
     samples = time_cases(cases, args, calls)
+    for point, _ in cases:
+      point['keeps_freed_memory'] = host_memory.applied()
     points = all_points(cases, same)
   else:
     points, samples, info = run_workers(args)

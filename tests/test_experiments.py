@@ -191,6 +191,7 @@ def test_each_attention_kind_is_timed_in_its_own_process(tmp_path, monkeypatch):
   one = attention_timing.main(argv + ['--one-process', '--out', str(tmp_path / 'b.json')])
   assert [(p['attention'], p['fwd_bwd_rounds'], p['note']) for p in one['points']] == [
       ('local', [0, 1], None), ('lsh', [0, 1], None)]
+  assert {p['keeps_freed_memory'] for p in one['points']} == {one['machine']['keeps_freed_memory']}
 
 
 def test_a_compile_out_of_memory_is_a_skipped_point(monkeypatch):
