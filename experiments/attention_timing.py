@@ -264,7 +264,8 @@ def prepare(args, length: int, batch: int, regime: str) -> list[tuple[dict, list
                  flops=flops(variant, batch=batch, length=length, heads=args.heads,
                              head_dim=args.head_dim, chunk_len=args.chunk_len),
                  flops_fraction=None, time_per_token_s=None, repeats=0, fwd_samples_s=[],
-                 fwd_rounds=[], fwd_bwd_samples_s=[], fwd_bwd_rounds=[], note=None)
+                 fwd_rounds=[], fwd_bwd_samples_s=[], fwd_bwd_rounds=[], note=None,
+                 keeps_freed_memory=host_memory.applied())
     f = kernel(variant, chunk_len=args.chunk_len, causal=args.causal)
     try:
       fwd, point['compile_fwd_s'] = _compile(f, spec, spec, spec, rng_spec)
@@ -301,26 +302,26 @@ def _label(p) -> str:
 
 
 def warm_up(cases: list[tuple[dict, list]], args) -> list[tuple[dict, list]]:
-  """Calls every function once (excluded from the samples) and sets how many rounds it is timed
-  in (`point['_budget']`): all `--repeats`, or fewer when its warm-up says they would overrun
-  `--budget-s`. A point that runs out of memory gets a note and is left out. Returns the live
-  `(point, fns)` pairs."""
+  """Calls every function once (excluded from the samples) and decides how many rounds it is
+  timed in: all `--repeats`, or fewer when its warm-up says they would overrun `--budget-s`. A
+  point that runs out of memory gets a note and is left out. Returns the live points as
+  `(point, [(name, fn, rounds), ...])`."""
   live = []
   for point, fns in cases:
     if not fns:
       continue
+    timed = []
     try:
       for name, fn in fns:
         warm = common.time_call(fn)
-        point.setdefault('_budget', {})[name] = max(
-            1, min(args.repeats, int(args.budget_s / max(args.calls * warm, 1e-9))))
+        timed.append((name, fn, max(1, min(args.repeats,
+                                           int(args.budget_s / max(args.calls * warm, 1e-9))))))
     except jax.errors.JaxRuntimeError as err:
       if not common.is_resource_exhausted(err):
         raise
       point['note'] = common.out_of_memory_note(err)
-      point.pop('_budget', None)
       continue
-    live.append((point, fns))
+    live.append((point, timed))
   return live
 
 
@@ -330,9 +331,9 @@ def time_round(live: list[tuple[dict, list]], r: int, args) -> None:
   after a 16K-token full attention call, gigabytes of temporaries and 27 s on the 2-core CPU,
   LSH-4's forward+backward at 16K took 427 and 804 ms for its next two calls and 132-163 ms from
   the third on), and the round it was taken in."""
-  for point, fns in live:
-    for name, fn in fns:
-      if r < point['_budget'][name]:
+  for point, timed in live:
+    for name, fn, rounds in timed:
+      if r < rounds:
         point[name.replace('_s', '_samples_s')].append(
             min(common.time_call(fn) for _ in range(args.calls)))
         point[name.replace('_s', '_rounds')].append(r)
@@ -376,7 +377,6 @@ def time_cases(cases: list[tuple[dict, list]], args,
     print(f'round {r + 1}/{args.repeats} done', flush=True)
   for point, _ in live:
     finish(point)
-    point.pop('_budget')
   return samples
 
 
@@ -583,9 +583,8 @@ def prepare_all(args) -> tuple[list, list]:
 
 
 def all_points(cases: list, same: list) -> list[dict[str, Any]]:
-  points = [p for p, _ in cases] + [dict(p, regime=regime) for regime, first in same
-                                    for p, _ in first]
-  return [{k: v for k, v in p.items() if not k.startswith('_')} for p in points]
+  return [p for p, _ in cases] + [dict(p, regime=regime) for regime, first in same
+                                   for p, _ in first]
 
 
 def references(args) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
@@ -629,8 +628,6 @@ def worker(init: dict[str, Any]) -> None:
   else:
     args.attention = [group]
     cases, same = prepare_all(args)
-    for point, _ in cases:
-      point['keeps_freed_memory'] = host_memory.applied()
     live = warm_up(cases, args)
     reply = lambda: {'points': all_points(cases, same)}
   # Before each answer, the heap memory this process freed goes back to the system (the next
@@ -658,13 +655,10 @@ class Worker:
 
   def __init__(self, group: str, args: argparse.Namespace):
     self.group = group
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(common.REPO_ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-    if group in QUADRATIC:
-      # Full attention's gigabyte buffers are mapped afresh every call with kept memory too (its
-      # heap is trimmed past glibc's 2 GiB threshold); kept, its resident memory stayed at its
-      # largest point's peak (14.7 GiB here, beside the other workers': the kernel killed it).
-      env[host_memory.ENV] = '0'
+    # Full attention's gigabyte buffers are mapped afresh every call with kept memory too (its
+    # heap is trimmed past glibc's 2 GiB threshold); kept, its resident memory stayed at its
+    # largest point's peak (14.7 GiB here, beside the other workers': the kernel killed it).
+    env = common.child_env(**({host_memory.ENV: '0'} if group in QUADRATIC else {}))
     self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, '-m', 'experiments.attention_timing', '--worker'], cwd=common.REPO_ROOT,
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding='utf-8')
@@ -748,7 +742,7 @@ def run_workers(args) -> tuple[list[dict[str, Any]], dict[str, list[float]], dic
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  config = {k: v for k, v in vars(args).items() if k not in ('out', 'wandb', 'worker')}
+  config = {k: v for k, v in vars(args).items() if k not in ('out', 'wandb')}
   config['compiler_options'] = compiler_options()
   probe = jnp.zeros((1, 1, args.chunk_len, args.head_dim), jnp.float32)
   config['chunk_kernel'] = ('cpu' if jax.default_backend() == 'cpu' and cpu_kernel.applies(
@@ -758,8 +752,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases, same = prepare_all(args)
     calls, info = references(args)
     samples = time_cases(cases, args, calls)
-    for point, _ in cases:
-      point['keeps_freed_memory'] = host_memory.applied()
     points = all_points(cases, same)
   else:
     points, samples, info = run_workers(args)

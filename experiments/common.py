@@ -120,6 +120,13 @@ class CompiledMemory:
                temp=int(m.temp_size_in_bytes), alias=int(m.alias_size_in_bytes))
 
 
+def child_env(**overrides: str) -> dict[str, str]:
+  """This process's environment for a `python -m experiments.…` child: the repository first on
+  PYTHONPATH (the experiments are not an installed package), then `overrides`."""
+  path = os.pathsep.join([str(REPO_ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+  return dict(os.environ, PYTHONPATH=path, **overrides)
+
+
 def fits(needed: int, *, margin: float, limit: int | None = None) -> tuple[bool, str | None]:
   """Whether `needed` bytes fit in `margin` times the available memory (and in `limit`, if
   given: e.g. 16 GiB to ask what an accelerator of that size would hold), and a note if not."""

@@ -273,8 +273,7 @@ def estimated_step_s(point: dict[str, Any], flops_per_s: float) -> float:
 def measure(point: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
   """Runs `point` in a fresh Python process and merges what it reported into a copy of it."""
   cmd = [sys.executable, '-m', 'experiments.memory', '--child', json.dumps(point)]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(common.REPO_ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  env = common.child_env()
   out = dict(point, compiled_bytes=None, compile_s=None, step_s=None, rss_peak_bytes=None,
              rss_step_bytes=None, device_peak_bytes=None, note=point.get('note'))
   try:

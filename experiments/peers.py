@@ -172,9 +172,8 @@ def run_process(spec: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
   implementation = spec['implementation']
   cmd = [sys.executable, '-m', 'experiments.peer_steps', json.dumps(spec)]
   threads = str(spec['threads'])
-  env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
-             TOKENIZERS_PARALLELISM='false', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=os.pathsep.join(
-                 [str(common.REPO_ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  env = common.child_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+                         TOKENIZERS_PARALLELISM='false', TF_CPP_MIN_LOG_LEVEL='2')
   try:
     proc = subprocess.run(cmd, cwd=common.REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout_s, check=False)
