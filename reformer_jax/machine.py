@@ -6,6 +6,7 @@ Every result file of `experiments/` and `reformer_jax.evaluate` records `machine
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import pathlib
 import platform
@@ -19,6 +20,7 @@ from reformer_jax import host_memory
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
   """The first processor's fields of /proc/cpuinfo ({} where unreadable)."""
   fields: dict[str, str] = {}
@@ -46,10 +48,16 @@ def cpu_id() -> str | None:
   return '/'.join(parts) if all(parts) else None  # type: ignore[arg-type]
 
 
+def cpu_flags() -> str:
+  """The CPU's feature flags as /proc/cpuinfo lists them (x86 `flags`, ARM `Features`), or ''."""
+  info = _cpuinfo()
+  return info.get('flags') or info.get('Features') or ''
+
+
 def vector_isa() -> str | None:
   """The widest vector instruction set the CPU reports: 'avx512f', 'avx2', 'avx', 'sse4_2',
   'asimd' (ARM), or None where unreadable. The LSH CPU kernel's vector width follows it."""
-  flags = set((_cpuinfo().get('flags') or _cpuinfo().get('Features') or '').split())
+  flags = set(cpu_flags().split())
   return next((isa for isa in ('avx512f', 'avx2', 'avx', 'sse4_2', 'asimd') if isa in flags),
               None)
 

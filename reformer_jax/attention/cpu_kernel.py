@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reformer_jax import machine
+
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'chunk_attention.cc', _HERE / 'bucket_sort.cc')  # one library
 HEADERS = (_HERE / 'parallel_for.h',)
@@ -58,15 +60,6 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(root) / 'kernels'
 
 
-def _cpu_flags() -> str:
-  """The CPU's feature flags (`-march=native` builds for them), or '' where unreadable."""
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      return next((line for line in f if line.startswith(('flags', 'Features'))), '')
-  except OSError:
-    return ''
-
-
 def _compiler() -> str | None:
   return os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++') or shutil.which(
       'clang++')
@@ -82,7 +75,7 @@ def build() -> pathlib.Path:
   sources = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
   key = hashlib.sha256(b'\0'.join([
       *sources, compiler.encode(), ' '.join(FLAGS).encode(), jax.__version__.encode(),
-      _cpu_flags().encode()])).hexdigest()[:16]
+      machine.cpu_flags().encode()])).hexdigest()[:16]  # -march=native builds for them
   target = cache_dir() / f'chunk_attention-{key}.so'
   if target.exists():
     return target
