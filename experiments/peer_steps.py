@@ -35,8 +35,9 @@ Prints one line `PEER_RESULT {json}` with:
   freed but glibc kept, alike for every implementation), peak_rss_with_warmup_bytes (VmHWM over
   the whole process, compile and warm-up included), page_faults_per_step (minor faults during
   the timed steps), keeps_freed_memory (`reformer_jax.host_memory.keep_freed_memory` applied:
-  it is, for every implementation alike, where glibc allows), versions; or note (why it did not
-  run: not installed, out of memory).
+  it is, for every implementation alike, where glibc allows; for reformer_jax it also runs the
+  CPU steps inline, as the trainer does), versions; or note (why it did not run: not installed,
+  out of memory).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Built:
 def start_reformer_jax(spec: dict[str, Any]) -> None:
   import jax
   import optax
-  from reformer_jax import models
+  from reformer_jax import host_memory, models
+  host_memory.keep_freed_memory()  # again, now that JAX is imported: CPU steps run inline
   jax.devices()  # starts the CPU client (its thread pools belong to the runtime)
 
 

@@ -101,6 +101,8 @@ def machine_info() -> dict[str, Any]:
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       # host_memory.keep_freed_memory: freed host memory kept mapped (no page faults per step)
       'keeps_freed_memory': host_memory.applied(),
+      # and CPU computations run inline (their temporaries freed before the call returns)
+      'cpu_async_dispatch': bool(jax.config.read(host_memory.ASYNC_DISPATCH)),
   }
 
 

@@ -13,7 +13,7 @@ from experiments import attention_timing, common, memory
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 MACHINE_FIELDS = {'backend', 'device', 'jax_version', 'cpu', 'cpu_id', 'cpu_vector_isa', 'cpu_cores',
-                  'ram_bytes', 'name'}
+                  'ram_bytes', 'name', 'cpu_async_dispatch'}
 TIMING_FIELDS = {'length', 'batch', 'attention', 'n_hashes', 'fwd_s', 'fwd_bwd_s', 'compiled_bytes',
                  'note', 'compile_s', 'regime', 'flops', 'flops_fraction', 'time_per_token_s'}
 MEMORY_FIELDS = {'sweep', 'variant', 'n_layers', 'length', 'compiled_bytes', 'compiled_temp_bytes',
