@@ -168,8 +168,13 @@ class SelfAttention(nn.Module):
           dtype=dtype, **chunking)
     else:
       def project(x):  # [B, l, D] -> ([B, l, N, H] per kernel)
+        # Over the flattened `[B * l, D]` tokens, as in `feed_forward`: plain GEMMs, forward
+        # and backward (the `[B, l, ...]` einsum's weight gradients transposed their operands).
         h = normalize(x)
-        return tuple(jnp.einsum('bld,dnh->blnh', h, k.astype(dtype)) for k in kernels)
+        tokens = h.reshape(-1, h.shape[-1])
+        return tuple((tokens @ k.reshape(k.shape[0], -1).astype(dtype)).reshape(*h.shape[:-1],
+                                                                               *k.shape[1:])
+                     for k in kernels)
 
       projected = map_positions(project, x, n_chunks)
       q, k, v = (projected[0], None, projected[1]) if shared else projected
@@ -182,7 +187,8 @@ class SelfAttention(nn.Module):
       else:
         out = full_attention(q, k, v, causal=self.causal, mask=mask,
                              exclude_self=cfg.exclude_self)
-      out = jnp.einsum('blnh,nhd->bld', out.astype(dtype), w_out.astype(dtype))
+      out = (out.reshape(-1, out.shape[-2] * out.shape[-1]).astype(dtype)
+             @ w_out.reshape(-1, w_out.shape[-1]).astype(dtype)).reshape(x.shape)
     if lsh:
       # The reversible stack keeps these for the backward pass: store them in the smallest int
       # that holds 0 ... total - 1.
@@ -288,12 +294,15 @@ def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float 
   def apply(x_chunk, i):  # i: the chunk's index, None unchunked
     if norm is not None:
       x_chunk = layer_norm(norm, x_chunk, x_chunk.dtype)
-    h = jnp.einsum('bld,df->blf', x_chunk, params['w1'].astype(x_chunk.dtype)) + params['b1']
-    h = dropout(gelu(h).astype(x_chunk.dtype), rate,
-                key if i is None else fold(key, i))
-    out = (jnp.einsum('blf,fd->bld', h, params['w2'].astype(h.dtype)) + params['b2']).astype(
-        x_chunk.dtype)
-    return dropout(out, rate, out_key if i is None else fold(out_key, i))
+    # Products over the flattened `[B * l, D]` tokens: the weight gradients are then products
+    # with one contracting axis, which XLA:CPU runs as plain GEMMs (contracted over both `b` and
+    # `l`, it transposed the `[B * l, F]` gradient in memory and ran the product at a third of
+    # the rate).
+    tokens = x_chunk.reshape(-1, x_chunk.shape[-1])
+    h = tokens @ params['w1'].astype(tokens.dtype) + params['b1']
+    h = dropout(gelu(h).astype(tokens.dtype), rate, key if i is None else fold(key, i))
+    out = (h @ params['w2'].astype(h.dtype) + params['b2']).astype(x_chunk.dtype)
+    return dropout(out.reshape(x_chunk.shape), rate, out_key if i is None else fold(out_key, i))
 
   batch, length, width = x.shape
   if chunk_index is not None:
