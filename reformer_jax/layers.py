@@ -227,10 +227,15 @@ class CrossAttentionBlock(nn.Module):
                               use_bias=False, dtype=cfg.compute_dtype,
                               param_dtype=cfg.parameter_dtype)
     h = _layer_norm(cfg, 'norm')(x)
-    out = full_attention(dense(name='query')(h), dense(name='key')(context),
-                         dense(name='value')(context), mask=context_mask)
+    # Projections over flattened tokens, as in `SelfAttention` (plain GEMMs in the backward pass).
+    def project(name, y):  # [B, l, D] -> [B, l, N, H]
+      return dense(name=name)(y.reshape(-1, y.shape[-1])).reshape(*y.shape[:-1], cfg.n_heads,
+                                                                  cfg.head_dim_)
+    out = full_attention(project('query', h), project('key', context),
+                         project('value', context), mask=context_mask)
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-                          param_dtype=cfg.parameter_dtype, name='out')(out)
+                          param_dtype=cfg.parameter_dtype, name='out')(
+                              out.reshape(-1, *out.shape[-2:])).reshape(x.shape)
     return dropout(out, cfg.dropout, _dropout_key(key, train)), buckets
 
 

@@ -165,10 +165,16 @@ class _OutputHead(nn.Module):
   def __call__(self, x, embedding: Embedding):
     cfg = self.cfg
     x = LayerNorm(cfg.compute_dtype, cfg.parameter_dtype, name='norm')(x)
+    # Over the flattened `[B * L, D]` tokens (see `layers.feed_forward`): the weight gradient is
+    # then a plain GEMM rather than one over a `[V, B * L]` transposed copy of the logits'
+    # gradient.
+    tokens = x.reshape(-1, x.shape[-1])
     if cfg.tie_embeddings:
-      return embedding.logits(x).astype(jnp.float32)
-    return nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype,
-                    name='logits')(x).astype(jnp.float32)
+      logits = embedding.logits(tokens)
+    else:
+      logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype,
+                        name='logits')(tokens)
+    return logits.reshape(*x.shape[:-1], -1).astype(jnp.float32)
 
 
 class ReformerLM(nn.Module):
