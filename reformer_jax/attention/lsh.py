@@ -526,9 +526,14 @@ def _projected_head_groups_bwd(attend, hashing, parallel, n_hashes, dtype, resid
       d_h = jnp.einsum('blnk,dnk->bld', d_c, w_in.astype(d_c.dtype), preferred_element_type=acc)
       d_xc, d_nc = norm_vjp(d_h.astype(h.dtype))
       d_x = jax.lax.dynamic_update_slice_in_dim(d_x, positions(d_x, c) + d_xc, c * size, 1)
-      d_in = d_in + jnp.einsum('bld,blnk->dnk', h, d_c, preferred_element_type=acc)
-      d_o = d_o + jnp.einsum('blnh,bld->nhd', positions(out, c), positions(g_out, c),
-                             preferred_element_type=acc)
+      # Kernel gradients as products over the flattened `[B * l, ...]` positions: contracted
+      # over `b` and `l` both, XLA:CPU transposes an operand in memory first (see
+      # `layers.feed_forward`).
+      flat = lambda a: a.reshape(-1, math.prod(a.shape[2:]))
+      d_in = d_in + jnp.matmul(flat(h).T, flat(d_c),
+                               preferred_element_type=acc).reshape(d_in.shape)
+      d_o = d_o + jnp.matmul(flat(positions(out, c)).T, flat(positions(g_out, c)),
+                             preferred_element_type=acc).reshape(d_o.shape)
       return d_x, jax.tree.map(jnp.add, d_norm, d_nc), d_in, d_o
     d_x, d_norm, d_in, d_o = jax.lax.fori_loop(
         0, n_pos, position_step, (d_x, d_norm, jnp.zeros(w_in.shape, acc),
