@@ -46,6 +46,24 @@ def test_chunked_feed_forward_bounds_backward_memory():
   assert temp_bytes(256) < 0.4 * temp_bytes(0)
 
 
+def test_feed_forward_weight_gradients_are_plain_products():
+  """The products run over flattened tokens, so each weight gradient contracts one axis and
+  XLA:CPU makes no transposed `[F, B * L]` copy of the hidden gradient (over `[B, L, .]`
+  einsums it did, and ran those products at a third of the GEMM rate)."""
+  from reformer_jax.train import backend_options  # pylint: disable=import-outside-toplevel
+  params = _ff_params(d=32, f=128)
+  x = jnp.ones((1, 512, 32))
+  grad = jax.grad(lambda p, x: jnp.sum(jnp.sin(feed_forward(p, x))), (0, 1))
+  hlo = jax.jit(grad, compiler_options=backend_options() or None).lower(
+      params, x).compile().as_text()
+  dots = [line for line in hlo.splitlines() if ' dot(' in line]
+  assert len(dots) >= 4, hlo  # two forward products, their input and weight gradients
+  assert all('lhs_contracting_dims={' in d and ',' not in d.split('lhs_contracting_dims={')[1]
+             .split('}')[0] for d in dots), dots
+  transposed = [line for line in hlo.splitlines() if '= f32[128,512]' in line]
+  assert not transposed, transposed
+
+
 def test_feed_forward_dropout_uses_the_key():
   params = _ff_params()
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 16))
