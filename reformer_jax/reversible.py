@@ -133,19 +133,39 @@ def _scanned(fns, period) -> bool:
   return period is not None and len(fns) % period == 0 and len(fns) // period >= 2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _reversible(fns, period, params, x1, x2, context, consts, keys):
-  return _reversible_fwd(fns, period, params, x1, x2, context, consts, keys)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _reversible(fns, period, keep, params, x1, x2, context, consts, keys):
+  return _reversible_fwd(fns, period, keep, params, x1, x2, context, consts, keys)[0]
 
 
-def _reversible_fwd(fns, period, params, x1, x2, context, consts, keys):
-  if _scanned(fns, period):
-    y1, y2, stacked = _forward_scan(fns, period, params, x1, x2, context, consts, keys)
-    replays = tuple(_unstack(stacked, len(fns), period))
+def _kept(fns, keep, length) -> int:
+  """How many of the last functions keep their forward activations: `keep`, less any
+  per-position (chunked) ones among them, whose point is never to hold a whole activation."""
+  n = 0
+  while n < min(keep, len(fns)) and _chunks(fns[len(fns) - 1 - n], length) == 1:
+    n += 1
+  return n
+
+
+def _reversible_fwd(fns, period, keep, params, x1, x2, context, consts, keys):
+  n = len(fns) - _kept(fns, keep, x1.shape[1])
+  head = fns[:n]
+  if _scanned(head, period):
+    y1, y2, stacked = _forward_scan(head, period, params[:n], x1, x2, context, consts, keys[:n])
+    replays = _unstack(stacked, n, period)
   else:
-    y1, y2, replays = _forward(fns, params, x1, x2, context, consts, keys)
-    stacked = replays
-  return (y1, y2, replays), (params, y1, y2, context, consts, keys, stacked)
+    y1, y2, replays = _forward(head, params[:n], x1, x2, context, consts, keys[:n])
+    replays, stacked = list(replays), replays
+  # The kept tail: each step's vjp (its activations) and output stay from here to the start of
+  # the backward pass, which then needs no forward recomputation for them.
+  tail = []
+  for f, p, key in zip(fns[n:], params[n:], keys[n:]):
+    step = lambda p, x, ctx, f=f, key=key: f(p, x, ctx, consts, key, None)
+    delta, vjp, replay = jax.vjp(step, p, y2, context, has_aux=True)
+    y1, y2 = y2, y1 + delta
+    replays.append(replay)
+    tail.append((vjp, delta))
+  return (y1, y2, tuple(replays)), (params, y1, y2, context, consts, keys, stacked, tuple(tail))
 
 
 def _backward_step(f, p, key, replay, a, b, ga, gb, context, consts):
@@ -191,11 +211,21 @@ def _backward_step_in_chunks(f, p, key, a, b, ga, gb, context, consts):
   return (b, a, gb, ga), gp, gc
 
 
-def _reversible_bwd(fns, period, residuals, cotangents):
-  params, a, b, context, consts, keys, replays = residuals
+def _reversible_bwd(fns, period, keep, residuals, cotangents):
+  del keep
+  params, a, b, context, consts, keys, replays, tail = residuals
   ga, gb, _ = cotangents  # replays are integers: no cotangent
   grad_context = jax.tree.map(jnp.zeros_like, context)
   add = lambda x, y: jax.tree.map(jnp.add, x, y)
+  # The kept tail first, from its stored activations: outputs (a, b) = (b_in, a_in + delta).
+  n = len(fns) - len(tail)
+  grad_tail = []
+  for vjp, delta in reversed(tail):
+    gp, gx, gc = vjp(gb)
+    a, b, ga, gb = b - delta, a, gb, ga + gx
+    grad_tail.insert(0, gp)
+    grad_context = add(grad_context, gc)
+  fns, params, keys = fns[:n], params[:n], keys[:n]
   if _scanned(fns, period):
     def body(carry, xs):
       streams, acc = carry
@@ -210,7 +240,8 @@ def _reversible_bwd(fns, period, residuals, cotangents):
     ((_, _, ga, gb), grad_context), grads = jax.lax.scan(
         body, ((a, b, ga, gb), grad_context),
         (_by_position(params, period), _by_position(keys, period), replays), reverse=True)
-    return tuple(_unstack(grads, len(fns), period)), ga, gb, grad_context, None, None
+    return (tuple(_unstack(grads, len(fns), period)) + tuple(grad_tail), ga, gb, grad_context,
+            None, None)
 
   grad_params = [None] * len(fns)
   streams = (a, b, ga, gb)
@@ -219,7 +250,7 @@ def _reversible_bwd(fns, period, residuals, cotangents):
                                                  *streams, context, consts)
     grad_context = add(grad_context, gc)
   _, _, ga, gb = streams
-  return tuple(grad_params), ga, gb, grad_context, None, None
+  return tuple(grad_params) + tuple(grad_tail), ga, gb, grad_context, None, None
 
 
 _reversible.defvjp(_reversible_fwd, _reversible_bwd)
@@ -228,7 +259,7 @@ _reversible.defvjp(_reversible_fwd, _reversible_bwd)
 def reversible_stack(fns: Sequence[ResidualFn], params: Sequence[Any], x1: jax.Array,
                      x2: jax.Array, *, keys: Sequence[jax.Array], context: Any = None,
                      consts: Any = None, memory_efficient: bool = True,
-                     period: int | None = None):
+                     period: int | None = None, keep_last: int = 0):
   """Applies `(a, b) -> (b, a + f_i(b))` for each function in turn.
 
   Args:
@@ -244,6 +275,10 @@ def reversible_stack(fns: Sequence[ResidualFn], params: Sequence[Any], x1: jax.A
       structure) for every i, the stack runs as a `lax.scan` over the groups of `period`
       functions (at least two groups; otherwise unrolled): one group's code, compiled once,
       whatever the depth. The functions `fns[period:]` are then never called.
+    keep_last: the last `keep_last` functions keep their forward activations for the backward
+      pass, which starts with them, instead of running their forward again there (per-position,
+      chunked functions among them excepted): they are held from the end of the forward pass,
+      where little else is live, to the start of the backward pass.
   Returns:
     `(y1, y2, replays)`: the output streams and each function's replay data.
   """
@@ -252,7 +287,7 @@ def reversible_stack(fns: Sequence[ResidualFn], params: Sequence[Any], x1: jax.A
                      f'trees and {len(keys)} keys; pass one of each per function')
   fns, params, keys = tuple(fns), tuple(params), tuple(keys)
   if memory_efficient:
-    return _reversible(fns, period, params, x1, x2, context, consts, keys)
+    return _reversible(fns, period, keep_last, params, x1, x2, context, consts, keys)
   if _scanned(fns, period):
     y1, y2, stacked = _forward_scan(fns, period, params, x1, x2, context, consts, keys)
     return y1, y2, tuple(_unstack(stacked, len(fns), period))

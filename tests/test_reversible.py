@@ -32,10 +32,13 @@ def _blocks(cfg, attention_types, cross=False, seed=0):
   return fns, params, keys, x, (context if cross else None)
 
 
-@pytest.mark.parametrize('cross,ff_chunk_len', [(False, 0), (True, 0), (False, 8)])
-def test_reversible_gradients_equal_autodiff(cross, ff_chunk_len):
+@pytest.mark.parametrize('cross,ff_chunk_len,keep_last', [(False, 0, 0), (True, 0, 0),
+                                                       (False, 8, 1), (False, 0, 1),
+                                                       (True, 0, 2)])
+def test_reversible_gradients_equal_autodiff(cross, ff_chunk_len, keep_last):
   """ff_chunk_len: the feed-forward blocks are per-position, rebuilt and differentiated in
-  place a chunk at a time."""
+  place a chunk at a time. keep_last: the last functions keep their forward activations (a
+  chunked one does not)."""
   types = ('full',) if cross else ('lsh', 'local')
   fns, params, keys, x, context = _blocks(CFG.replace(ff_chunk_len=ff_chunk_len), types,
                                           cross=cross)
@@ -47,7 +50,8 @@ def test_reversible_gradients_equal_autodiff(cross, ff_chunk_len):
   def grads(params, x, context):
     def loss(params, x, context, memory_efficient):
       y1, y2, _ = reversible.reversible_stack(fns, params, x, x, keys=keys, context=context,
-                                              consts=consts, memory_efficient=memory_efficient)
+                                              consts=consts, memory_efficient=memory_efficient,
+                                              keep_last=keep_last)
       return jnp.sum(jnp.tanh(y1) * cot) + jnp.sum(y2 * y2)
     argnums = (0, 1, 2) if cross else (0, 1)
     return [jax.value_and_grad(loss, argnums)(params, x, context, m) for m in (True, False)]
@@ -128,11 +132,34 @@ def test_mismatched_arguments_are_reported():
     reversible.reversible_stack(fns, params[:1], x, x, keys=keys)
 
 
-@pytest.mark.parametrize('memory_efficient', [True, False])
-def test_scanned_stack_equals_unrolled(memory_efficient):
+def test_kept_functions_skip_their_backward_rebuild():
+  """`keep_last`: the kept functions run once (forward), the others twice (forward and the
+  backward pass's rebuild); a chunked function is never kept."""
+  fns, params, keys, x, _ = _blocks(CFG, ('lsh', 'local'))
+  calls = []
+
+  def counted(i):
+    def f(p, xx, ctx, consts, key, replay):
+      calls.append(i)
+      return fns[i](p, xx, ctx, consts, key, replay)
+    return f
+
+  counted_fns = [counted(i) for i in range(len(fns))]
+  for keep, once in ((0, set()), (1, {3}), (2, {2, 3})):
+    calls.clear()
+    jax.jit(jax.grad(lambda p: jnp.sum(reversible.reversible_stack(
+        counted_fns, p, x, x, keys=keys, keep_last=keep)[1])))(params)
+    assert {i for i in range(4) if calls.count(i) == 1} == once, (keep, calls)
+  assert reversible._kept(fns, 2, 32) == 2
+  chunked, *_ = _blocks(CFG.replace(ff_chunk_len=8), ('lsh',))
+  assert reversible._kept(chunked, 2, 32) == 0  # the chunked feed-forward ends the stack
+
+
+@pytest.mark.parametrize('memory_efficient,keep_last', [(True, 0), (False, 0), (True, 4)])
+def test_scanned_stack_equals_unrolled(memory_efficient, keep_last):
   """`period`: the stack as a scan over groups of blocks gives the unrolled stack's values,
-  replays and gradients."""
-  fns, params, keys, x, _ = _blocks(CFG, ('lsh', 'local', 'lsh', 'local'))
+  replays and gradients (keep_last 4: a scan over the first two groups, the third kept)."""
+  fns, params, keys, x, _ = _blocks(CFG, ('lsh', 'local', 'lsh', 'local', 'lsh', 'local'))
   cot = jax.random.normal(jax.random.PRNGKey(9), x.shape)
 
   @jax.jit
@@ -142,7 +169,7 @@ def test_scanned_stack_equals_unrolled(memory_efficient):
       def loss(params, x):
         y1, y2, replays = reversible.reversible_stack(fns, params, x, x * 0.5, keys=keys,
                                                       memory_efficient=memory_efficient,
-                                                      period=period)
+                                                      period=period, keep_last=keep_last)
         return jnp.sum(jnp.tanh(y1) * cot) + jnp.sum(y2 * y2), replays
       out.append(jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x))
     return out
@@ -150,7 +177,7 @@ def test_scanned_stack_equals_unrolled(memory_efficient):
   ((value, replays), grads), ((value_s, replays_s), grads_s) = run(params, x)
   # Scan and unrolled stack fuse (and round) differently: float32 rounding only.
   np.testing.assert_allclose(value_s, value, rtol=1e-5)
-  assert len(replays_s) == 8 and replays_s[1] is None and replays_s[2] is None
+  assert len(replays_s) == 12 and replays_s[1] is None and replays_s[2] is None
   for a, b in zip(jax.tree.leaves(replays_s), jax.tree.leaves(replays)):
     np.testing.assert_array_equal(a, b)
   assert jax.tree.structure(grads_s) == jax.tree.structure(grads)
