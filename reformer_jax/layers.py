@@ -270,6 +270,28 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+@jax.custom_vjp
+def narrowing_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x [T, F] @ w [F, D]` for `F > D` (the feed-forward's second product), whose weight
+  gradient is computed as `(dy^T x)^T`: alone, XLA:CPU ran the `[F, D]` product `x^T dy` at
+  110 GFLOP/s here and the `[D, F]` one at 148 (the transpose folds back into the slow form
+  unless an optimization barrier keeps them apart)."""
+  return x @ w
+
+
+def _narrowing_matmul_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _narrowing_matmul_bwd(residuals, dy):
+  x, w = residuals
+  dw_t = jax.lax.dot_general(dy, x, (((0,), (0,)), ((), ())))  # [D, F]
+  return dy @ w.T, jax.lax.optimization_barrier(dw_t).T.astype(w.dtype)
+
+
+narrowing_matmul.defvjp(_narrowing_matmul_fwd, _narrowing_matmul_bwd)
+
+
 def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float = 0.0,
                  key: jax.Array | None = None, norm: dict | None = None,
                  out_key: jax.Array | None = None,
@@ -306,7 +328,8 @@ def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float 
     tokens = x_chunk.reshape(-1, x_chunk.shape[-1])
     h = tokens @ params['w1'].astype(tokens.dtype) + params['b1']
     h = dropout(gelu(h).astype(tokens.dtype), rate, key if i is None else fold(key, i))
-    out = (h @ params['w2'].astype(h.dtype) + params['b2']).astype(x_chunk.dtype)
+    out = (narrowing_matmul(h, params['w2'].astype(h.dtype)) + params['b2']).astype(
+        x_chunk.dtype)
     return dropout(out.reshape(x_chunk.shape), rate, out_key if i is None else fold(out_key, i))
 
   batch, length, width = x.shape

@@ -64,6 +64,16 @@ def test_feed_forward_weight_gradients_are_plain_products():
   assert not transposed, transposed
 
 
+def test_narrowing_matmul_gradients_equal_autodiff():
+  x = jax.random.normal(jax.random.PRNGKey(0), (24, 64))
+  w = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
+  cot = jax.random.normal(jax.random.PRNGKey(2), (24, 16))
+  ours = jax.grad(lambda x, w: jnp.sum(layers.narrowing_matmul(x, w) * cot), (0, 1))(x, w)
+  ref = jax.grad(lambda x, w: jnp.sum((x @ w) * cot), (0, 1))(x, w)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_feed_forward_dropout_uses_the_key():
   params = _ff_params()
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 16))
