@@ -14,7 +14,10 @@ so the backward pass rebuilds every step's inputs from the stack's outputs, runs
 that one function, and moves on. The forward pass keeps only the outputs, the parameters, the
 RNG keys and each function's *replay* data (the integer LSH buckets, so the backward pass hashes
 exactly as the forward did even though rebuilt activations differ by float error). Activation
-memory is therefore that of one function, whatever the depth.
+memory is therefore that of one function, whatever the depth. The last `keep_last` functions
+(the models keep one, the last feed-forward) instead keep their activations from the forward
+pass: the backward pass starts with them, so they are held only across the loss, and their
+forward pass does not run twice.
 
 Everything here is pure: parameters are explicit pytrees and every function receives its own
 PRNG key, so dropout masks and hash rotations replay identically in the backward pass.
@@ -147,15 +150,23 @@ def _kept(fns, keep, length) -> int:
   return n
 
 
+def _parts(fns, period, keep, length) -> tuple[int, int]:
+  """`(m, n)`: functions `[0, m)` run as a scan over groups of `period` (m = 0: none), `[m, n)`
+  unrolled, `[n, len(fns))` keep their activations (`_kept`)."""
+  n = len(fns) - _kept(fns, keep, length)
+  m = n - n % period if period else 0
+  return (m if _scanned(fns[:m], period) else 0), n
+
+
 def _reversible_fwd(fns, period, keep, params, x1, x2, context, consts, keys):
-  n = len(fns) - _kept(fns, keep, x1.shape[1])
-  head = fns[:n]
-  if _scanned(head, period):
-    y1, y2, stacked = _forward_scan(head, period, params[:n], x1, x2, context, consts, keys[:n])
-    replays = _unstack(stacked, n, period)
-  else:
-    y1, y2, replays = _forward(head, params[:n], x1, x2, context, consts, keys[:n])
-    replays, stacked = list(replays), replays
+  m, n = _parts(fns, period, keep, x1.shape[1])
+  y1, y2, stacked, replays = x1, x2, None, []
+  if m:
+    y1, y2, stacked = _forward_scan(fns[:m], period, params[:m], y1, y2, context, consts,
+                                    keys[:m])
+    replays = _unstack(stacked, m, period)
+  y1, y2, unrolled = _forward(fns[m:n], params[m:n], y1, y2, context, consts, keys[m:n])
+  replays += list(unrolled)
   # The kept tail: each step's vjp (its activations) and output stay from here to the start of
   # the backward pass, which then needs no forward recomputation for them.
   tail = []
@@ -165,7 +176,8 @@ def _reversible_fwd(fns, period, keep, params, x1, x2, context, consts, keys):
     y1, y2 = y2, y1 + delta
     replays.append(replay)
     tail.append((vjp, delta))
-  return (y1, y2, tuple(replays)), (params, y1, y2, context, consts, keys, stacked, tuple(tail))
+  return (y1, y2, tuple(replays)), (params, y1, y2, context, consts, keys, stacked, unrolled,
+                                    tuple(tail))
 
 
 def _backward_step(f, p, key, replay, a, b, ga, gb, context, consts):
@@ -213,44 +225,42 @@ def _backward_step_in_chunks(f, p, key, a, b, ga, gb, context, consts):
 
 def _reversible_bwd(fns, period, keep, residuals, cotangents):
   del keep
-  params, a, b, context, consts, keys, replays, tail = residuals
+  params, a, b, context, consts, keys, stacked, unrolled, tail = residuals
   ga, gb, _ = cotangents  # replays are integers: no cotangent
   grad_context = jax.tree.map(jnp.zeros_like, context)
   add = lambda x, y: jax.tree.map(jnp.add, x, y)
-  # The kept tail first, from its stored activations: outputs (a, b) = (b_in, a_in + delta).
   n = len(fns) - len(tail)
-  grad_tail = []
-  for vjp, delta in reversed(tail):
-    gp, gx, gc = vjp(gb)
+  m = n - len(unrolled)
+  grads = [None] * len(fns)
+  # The kept tail first, from its stored activations: outputs (a, b) = (b_in, a_in + delta).
+  for i, (vjp, delta) in reversed(list(enumerate(tail, n))):
+    grads[i], gx, gc = vjp(gb)
     a, b, ga, gb = b - delta, a, gb, ga + gx
-    grad_tail.insert(0, gp)
     grad_context = add(grad_context, gc)
-  fns, params, keys = fns[:n], params[:n], keys[:n]
-  if _scanned(fns, period):
+  streams = (a, b, ga, gb)
+  for i in reversed(range(m, n)):
+    streams, grads[i], gc = _backward_step(fns[i], params[i], keys[i], unrolled[i - m],
+                                           *streams, context, consts)
+    grad_context = add(grad_context, gc)
+  if m:
     def body(carry, xs):
       streams, acc = carry
       group_params, group_keys, group_replays = xs
-      grads = [None] * period
+      group_grads = [None] * period
       for k in reversed(range(period)):
-        streams, grads[k], gc = _backward_step(fns[k], group_params[k], group_keys[k],
-                                               group_replays[k], *streams, context, consts)
+        streams, group_grads[k], gc = _backward_step(fns[k], group_params[k], group_keys[k],
+                                                     group_replays[k], *streams, context,
+                                                     consts)
         acc = add(acc, gc)
-      return (streams, acc), tuple(grads)
+      return (streams, acc), tuple(group_grads)
 
-    ((_, _, ga, gb), grad_context), grads = jax.lax.scan(
-        body, ((a, b, ga, gb), grad_context),
-        (_by_position(params, period), _by_position(keys, period), replays), reverse=True)
-    return (tuple(_unstack(grads, len(fns), period)) + tuple(grad_tail), ga, gb, grad_context,
-            None, None)
-
-  grad_params = [None] * len(fns)
-  streams = (a, b, ga, gb)
-  for i in reversed(range(len(fns))):
-    streams, grad_params[i], gc = _backward_step(fns[i], params[i], keys[i], replays[i],
-                                                 *streams, context, consts)
-    grad_context = add(grad_context, gc)
+    (streams, grad_context), scanned = jax.lax.scan(
+        body, (streams, grad_context),
+        (_by_position(params[:m], period), _by_position(keys[:m], period), stacked),
+        reverse=True)
+    grads[:m] = _unstack(scanned, m, period)
   _, _, ga, gb = streams
-  return tuple(grad_params) + tuple(grad_tail), ga, gb, grad_context, None, None
+  return tuple(grads), ga, gb, grad_context, None, None
 
 
 _reversible.defvjp(_reversible_fwd, _reversible_bwd)

@@ -155,10 +155,12 @@ def test_kept_functions_skip_their_backward_rebuild():
   assert reversible._kept(chunked, 2, 32) == 0  # the chunked feed-forward ends the stack
 
 
-@pytest.mark.parametrize('memory_efficient,keep_last', [(True, 0), (False, 0), (True, 4)])
+@pytest.mark.parametrize('memory_efficient,keep_last', [(True, 0), (False, 0), (True, 4),
+                                                      (True, 1)])
 def test_scanned_stack_equals_unrolled(memory_efficient, keep_last):
   """`period`: the stack as a scan over groups of blocks gives the unrolled stack's values,
-  replays and gradients (keep_last 4: a scan over the first two groups, the third kept)."""
+  replays and gradients (keep_last 4: a scan over the first two groups, the third kept; 1: a
+  scan over two groups, three functions unrolled, one kept)."""
   fns, params, keys, x, _ = _blocks(CFG, ('lsh', 'local', 'lsh', 'local', 'lsh', 'local'))
   cot = jax.random.normal(jax.random.PRNGKey(9), x.shape)
 
@@ -175,6 +177,9 @@ def test_scanned_stack_equals_unrolled(memory_efficient, keep_last):
     return out
 
   ((value, replays), grads), ((value_s, replays_s), grads_s) = run(params, x)
+  scanned = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(reversible.reversible_stack(
+      fns, p, x, x, keys=keys, period=4, keep_last=keep_last)[1])))(params)
+  assert 'scan' in str(scanned)  # the kept tail does not unroll the scanned groups
   # Scan and unrolled stack fuse (and round) differently: float32 rounding only.
   np.testing.assert_allclose(value_s, value, rtol=1e-5)
   assert len(replays_s) == 12 and replays_s[1] is None and replays_s[2] is None
