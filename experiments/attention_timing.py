@@ -339,6 +339,13 @@ def time_round(live: list[tuple[dict, list]], r: int, args) -> None:
         point[name.replace('_s', '_rounds')].append(r)
 
 
+def warm_references(references: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
+  """Calls each reference once (excluded from the samples); returns its empty sample lists."""
+  for call in references.values():
+    common.block(call())
+  return {name: [] for name in references}
+
+
 def time_references(references: dict[str, Callable[[], Any]],
                     samples: dict[str, list[float]]) -> None:
   """One round of the references: each one's fastest of `REFERENCE_CALLS` back-to-back calls (a
@@ -368,9 +375,7 @@ def time_cases(cases: list[tuple[dict, list]], args,
   Returns each reference's samples (seconds), one per round.
   """
   live = warm_up(cases, args)
-  for call in references.values():
-    common.block(call())
-  samples: dict[str, list[float]] = {name: [] for name in references}
+  samples = warm_references(references)
   for r in range(args.repeats):
     time_references(references, samples)
     time_round(live, r, args)
@@ -621,9 +626,7 @@ def worker(init: dict[str, Any]) -> None:
   group = init['group']
   if group == REFERENCE:
     calls, info = references(args)
-    for call in calls.values():
-      common.block(call())
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    samples = warm_references(calls)
     reply = lambda: {'references': samples, 'info': info}
   else:
     args.attention = [group]

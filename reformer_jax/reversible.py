@@ -142,8 +142,9 @@ def _reversible(fns, period, keep, params, x1, x2, context, consts, keys):
 
 
 def _kept(fns, keep, length) -> int:
-  """How many of the last functions keep their forward activations: `keep`, less any
-  per-position (chunked) ones among them, whose point is never to hold a whole activation."""
+  """How many of the last functions keep their forward activations: up to `keep`, counted back
+  from the last one and stopping at a per-position (chunked) function, whose point is never to
+  hold a whole activation (a chunked last function keeps none)."""
   n = 0
   while n < min(keep, len(fns)) and _chunks(fns[len(fns) - 1 - n], length) == 1:
     n += 1
@@ -286,9 +287,9 @@ def reversible_stack(fns: Sequence[ResidualFn], params: Sequence[Any], x1: jax.A
       functions (at least two groups; otherwise unrolled): one group's code, compiled once,
       whatever the depth. The functions `fns[period:]` are then never called.
     keep_last: the last `keep_last` functions keep their forward activations for the backward
-      pass, which starts with them, instead of running their forward again there (per-position,
-      chunked functions among them excepted): they are held from the end of the forward pass,
-      where little else is live, to the start of the backward pass.
+      pass, which starts with them, instead of running their forward again there (counted back
+      from the last, stopping at a per-position, chunked function): they are held from the end
+      of the forward pass, where little else is live, to the start of the backward pass.
   Returns:
     `(y1, y2, replays)`: the output streams and each function's replay data.
   """
