@@ -168,8 +168,13 @@ class SelfAttention(nn.Module):
           dtype=dtype, **chunking)
     else:
       def project(x):  # [B, l, D] -> ([B, l, N, H] per kernel)
+        # Over the flattened `[B * l, D]` tokens, as in `feed_forward`: plain GEMMs, forward
+        # and backward (the `[B, l, ...]` einsum's weight gradients transposed their operands).
         h = normalize(x)
-        return tuple(token_matmul(h, k.astype(dtype)) for k in kernels)
+        tokens = h.reshape(-1, h.shape[-1])
+        return tuple((tokens @ k.reshape(k.shape[0], -1).astype(dtype)).reshape(*h.shape[:-1],
+                                                                               *k.shape[1:])
+                     for k in kernels)
 
       projected = map_positions(project, x, n_chunks)
       q, k, v = (projected[0], None, projected[1]) if shared else projected
@@ -182,7 +187,8 @@ class SelfAttention(nn.Module):
       else:
         out = full_attention(q, k, v, causal=self.causal, mask=mask,
                              exclude_self=cfg.exclude_self)
-      out = token_matmul(out.astype(dtype), w_out.astype(dtype), n_in=2)
+      out = (out.reshape(-1, out.shape[-2] * out.shape[-1]).astype(dtype)
+             @ w_out.reshape(-1, w_out.shape[-1]).astype(dtype)).reshape(x.shape)
     if lsh:
       # The reversible stack keeps these for the backward pass: store them in the smallest int
       # that holds 0 ... total - 1.
@@ -221,7 +227,7 @@ class CrossAttentionBlock(nn.Module):
                               use_bias=False, dtype=cfg.compute_dtype,
                               param_dtype=cfg.parameter_dtype)
     h = _layer_norm(cfg, 'norm')(x)
-    # Projections over flattened tokens (see `token_matmul`).
+    # Projections over flattened tokens, as in `SelfAttention` (plain GEMMs in the backward pass).
     def project(name, y):  # [B, l, D] -> [B, l, N, H]
       return dense(name=name)(y.reshape(-1, y.shape[-1])).reshape(*y.shape[:-1], cfg.n_heads,
                                                                   cfg.head_dim_)
@@ -262,19 +268,6 @@ def _gelu_bwd(x, g):
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-def token_matmul(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-  """`x [..., *in] @ w [*in, *out]` (the last `n_in` axes of `x` contracted) as one product over
-  the flattened tokens: `[tokens, prod(in)] @ [prod(in), prod(out)]`, reshaped to
-  `[..., *out]`. Its weight gradient then contracts one axis, which XLA:CPU runs as a plain
-  GEMM; as a `[B, L, ...]` einsum it contracted both `b` and `l`, transposed the `[B * L, out]`
-  gradient in memory and ran the product at a third of the rate (the feed-forward's here).
-  The feed-forward, the attention projections, the LM head and `lsh_self_attention`'s written-out
-  backward all multiply this way."""
-  n_in_total = math.prod(w.shape[:n_in])
-  lead = x.shape[:x.ndim - n_in]
-  return (x.reshape(-1, n_in_total) @ w.reshape(n_in_total, -1)).reshape(*lead, *w.shape[n_in:])
 
 
 @jax.custom_vjp
@@ -328,9 +321,12 @@ def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float 
   def apply(x_chunk, i):  # i: the chunk's index, None unchunked
     if norm is not None:
       x_chunk = layer_norm(norm, x_chunk, x_chunk.dtype)
-    # Over the flattened tokens (see `token_matmul`; the second product needs them 2-D).
+    # Products over the flattened `[B * l, D]` tokens: the weight gradients are then products
+    # with one contracting axis, which XLA:CPU runs as plain GEMMs (contracted over both `b` and
+    # `l`, it transposed the `[B * l, F]` gradient in memory and ran the product at a third of
+    # the rate).
     tokens = x_chunk.reshape(-1, x_chunk.shape[-1])
-    h = token_matmul(tokens, params['w1'].astype(tokens.dtype)) + params['b1']
+    h = tokens @ params['w1'].astype(tokens.dtype) + params['b1']
     h = dropout(gelu(h).astype(tokens.dtype), rate, key if i is None else fold(key, i))
     out = (narrowing_matmul(h, params['w2'].astype(h.dtype)) + params['b2']).astype(
         x_chunk.dtype)

@@ -167,7 +167,9 @@ class _OutputHead(nn.Module):
   def __call__(self, x, embedding: Embedding):
     cfg = self.cfg
     x = LayerNorm(cfg.compute_dtype, cfg.parameter_dtype, name='norm')(x)
-    # Over the flattened `[B * L, D]` tokens (see `layers.token_matmul`).
+    # Over the flattened `[B * L, D]` tokens (see `layers.feed_forward`): the weight gradient is
+    # then a plain GEMM rather than one over a `[V, B * L]` transposed copy of the logits'
+    # gradient.
     tokens = x.reshape(-1, x.shape[-1])
     if cfg.tie_embeddings:
       logits = embedding.logits(tokens)

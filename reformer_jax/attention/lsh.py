@@ -526,8 +526,9 @@ def _projected_head_groups_bwd(attend, hashing, parallel, n_hashes, dtype, resid
       d_h = jnp.einsum('blnk,dnk->bld', d_c, w_in.astype(d_c.dtype), preferred_element_type=acc)
       d_xc, d_nc = norm_vjp(d_h.astype(h.dtype))
       d_x = jax.lax.dynamic_update_slice_in_dim(d_x, positions(d_x, c) + d_xc, c * size, 1)
-      # Kernel gradients as products over the flattened `[B * l, ...]` positions (see
-      # `layers.token_matmul`: contracted over `b` and `l` both, XLA:CPU transposes first).
+      # Kernel gradients as products over the flattened `[B * l, ...]` positions: contracted
+      # over `b` and `l` both, XLA:CPU transposes an operand in memory first (see
+      # `layers.feed_forward`).
       flat = lambda a: a.reshape(-1, math.prod(a.shape[2:]))
       d_in = d_in + jnp.matmul(flat(h).T, flat(d_c),
                                preferred_element_type=acc).reshape(d_in.shape)
