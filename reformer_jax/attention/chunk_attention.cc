@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "parallel_for.h"
@@ -274,6 +275,21 @@ inline Masks ChunkMasks(const int32_t* key_pos, const int32_t* key_valid, int32_
   return {allowed, kp == qp};
 }
 
+// A thread's scratch buffer `kSlot` of at least `n` elements, kept across blocks and calls: XLA's
+// pool threads live as long as the runtime, so the kernels allocate and zero nothing per block.
+// (Per-block vectors, ~1 MB a block, cost the peers step of experiments/peers.py about 1.5% of
+// its time in malloc's search of the step's fragmented heap and in memset.) Kernel calls do not
+// nest on a thread, and within one function every buffer has its own slot.
+enum Slot { kRaw, kUnit, kValues, kInvNorm, kProbs, kKeysGrad, kValuesGrad, kValueRows, kKeyPos,
+            kKeyValid };
+
+template <typename T, Slot kSlot>
+T* Scratch(int64_t n) {
+  static thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // A row's chunks go in blocks of about kBlock consecutive chunks, one block per task. A block
 // keeps its window chunks' normalized keys (and values) in a local cache: "offset" o of block
 // [g0, g1) is chunk g0 - before + o (mod G), o < g1 - g0 + before + after.
@@ -307,38 +323,37 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
   const int64_t chunk_qk = d.c * d.h, chunk_v = d.c * d.hv;
 
   ParallelFor(pool, blocks.count, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> raw, unit_t, vals;  // [offsets, C, H], transposed [offsets, H, C], values
-    std::vector<float> inv_norm(d.c);      // one chunk's, not needed after its transposed keys
-    std::vector<float> scratch(save_probs ? 0 : d.c * d.k);  // one chunk's probabilities
-    std::vector<int32_t> key_pos(d.k), key_valid(d.k);
+    float* inv_norm = Scratch<float, kInvNorm>(d.c);  // one chunk's, used for its transposed keys
+    float* scratch = Scratch<float, kProbs>(d.c * d.k);  // one chunk's probabilities (not saved)
+    int32_t* key_pos = Scratch<int32_t, kKeyPos>(d.k);
+    int32_t* key_valid = Scratch<int32_t, kKeyValid>(d.k);
     for (int64_t bi = first; bi < last; ++bi) {
       const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
       const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
       const int64_t offsets = g1 - g0 + d.parts - 1;
-      raw.resize(offsets * chunk_qk);
-      unit_t.resize(offsets * chunk_qk);
-      vals.resize(offsets * chunk_v);
+      float* raw = Scratch<float, kRaw>(offsets * chunk_qk);       // [offsets, C, H]
+      float* unit_t = Scratch<float, kUnit>(offsets * chunk_qk);   // transposed [offsets, H, C]
+      float* vals = Scratch<float, kValues>(offsets * chunk_v);    // [offsets, C, Hv]
       for (int64_t o = 0; o < offsets; ++o) {
         const int64_t w = Wrap(g0 - d.before + o, d.g);
-        GatherChunk(d, sqk, d.h, q_pos, r, w, raw.data() + o * chunk_qk);
-        GatherChunk(d, sv, d.hv, q_pos, r, w, vals.data() + o * chunk_v);
-        UnitKeys(d, raw.data() + o * chunk_qk, unit_t.data() + o * chunk_qk, true,
-                 inv_norm.data());
+        GatherChunk(d, sqk, d.h, q_pos, r, w, raw + o * chunk_qk);
+        GatherChunk(d, sv, d.hv, q_pos, r, w, vals + o * chunk_v);
+        UnitKeys(d, raw + o * chunk_qk, unit_t + o * chunk_qk, true, inv_norm);
       }
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t t = r * d.g + g;
-        const float* q = raw.data() + (g - g0 + d.before) * chunk_qk;
-        float* p = save_probs ? probs + t * d.c * d.k : scratch.data();
-        WindowKeys(d, q_pos, k_valid, r, g, key_pos.data(), key_valid.data());
+        const float* q = raw + (g - g0 + d.before) * chunk_qk;
+        float* p = save_probs ? probs + t * d.c * d.k : scratch;
+        WindowKeys(d, q_pos, k_valid, r, g, key_pos, key_valid);
         for (int64_t j = 0; j < d.parts; ++j)  // logits = q k^T, window part j: offset g - g0 + j
-          Gemm<false>(d.c, d.c, d.h, q, d.h, 1, unit_t.data() + (g - g0 + j) * chunk_qk, d.c,
+          Gemm<false>(d.c, d.c, d.h, q, d.h, 1, unit_t + (g - g0 + j) * chunk_qk, d.c,
                       p + j * d.c, d.k);
         for (int64_t qi = 0; qi < d.c; ++qi) {
           float* row = p + qi * d.k;
           vf mx = vf{} + kMask;
           const int32_t qp = q_pos[t * d.c + qi];
           for (int64_t kk = 0; kk < d.k; kk += kW) {
-            const Masks m = ChunkMasks(key_pos.data(), key_valid.data(), qp, kk, causal);
+            const Masks m = ChunkMasks(key_pos, key_valid, qp, kk, causal);
             vf x = Load(row + kk);
             x = m.self ? vf{} + kSelf : x;
             x = m.allowed ? x : vf{} + kMask;
@@ -358,7 +373,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
           for (int64_t kk = 0; kk < d.k; kk += kW) Store(row + kk, Load(row + kk) * inv);
         }
         // out = p v: the window's values are consecutive offsets, so one product of depth K.
-        Gemm<false>(d.c, d.hv, d.k, p, d.k, 1, vals.data() + (g - g0) * chunk_v, d.hv,
+        Gemm<false>(d.c, d.hv, d.k, p, d.k, 1, vals + (g - g0) * chunk_v, d.hv,
                     out + t * chunk_v, d.hv);
       }
     }
@@ -405,62 +420,67 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
   // (no other block's window reaches them); for the `edge` offsets at either end, other blocks
   // add to the same chunks, so those partial sums wait in `halo_*` for the second pass.
   const int64_t edge = d.parts - 1;
-  std::vector<float> halo_k(blocks.count * 2 * edge * chunk_qk);
-  std::vector<float> halo_v(blocks.count * 2 * edge * chunk_v);
+  // (Not zeroed: the second pass reads only the slots the first one wrote.)
+  std::unique_ptr<float[]> halo_k(new float[blocks.count * 2 * edge * chunk_qk]);
+  std::unique_ptr<float[]> halo_v(new float[blocks.count * 2 * edge * chunk_v]);
   auto halo_slot = [&](int64_t offsets, int64_t o) { return o < edge ? o : o - offsets + 2 * edge; };
 
   ParallelFor(pool, blocks.count, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> raw, unit, inv_norm, v_t, dk, dv, ds(d.c * d.k), v_rows(chunk_v);
-    std::vector<int32_t> key_pos(d.k), key_valid(d.k);
+    float* ds = Scratch<float, kProbs>(d.c * d.k);
+    float* v_rows = Scratch<float, kValueRows>(chunk_v);
+    int32_t* key_pos = Scratch<int32_t, kKeyPos>(d.k);
+    int32_t* key_valid = Scratch<int32_t, kKeyValid>(d.k);
     for (int64_t bi = first; bi < last; ++bi) {
       const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
       const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
       const int64_t offsets = g1 - g0 + edge;
-      raw.resize(offsets * chunk_qk);
-      unit.resize(offsets * chunk_qk);
-      inv_norm.resize(offsets * d.c);
-      v_t.resize(offsets * chunk_v);
-      dk.assign(offsets * chunk_qk, 0.0f);
-      dv.assign(offsets * chunk_v, 0.0f);
+      float* raw = Scratch<float, kRaw>(offsets * chunk_qk);
+      float* unit = Scratch<float, kUnit>(offsets * chunk_qk);
+      float* inv_norm = Scratch<float, kInvNorm>(offsets * d.c);
+      float* v_t = Scratch<float, kValues>(offsets * chunk_v);
+      float* dk = Scratch<float, kKeysGrad>(offsets * chunk_qk);
+      float* dv = Scratch<float, kValuesGrad>(offsets * chunk_v);
+      std::fill(dk, dk + offsets * chunk_qk, 0.0f);
+      std::fill(dv, dv + offsets * chunk_v, 0.0f);
       for (int64_t o = 0; o < offsets; ++o) {
         const int64_t w = Wrap(g0 - d.before + o, d.g);
-        GatherChunk(d, sqk, d.h, q_pos, r, w, raw.data() + o * chunk_qk);
-        UnitKeys(d, raw.data() + o * chunk_qk, unit.data() + o * chunk_qk, false,
-                 inv_norm.data() + o * d.c);
-        GatherChunk(d, sv, d.hv, q_pos, r, w, v_rows.data());
-        Transpose(v_rows.data(), d.hv, d.c, d.hv, nullptr, v_t.data() + o * chunk_v, d.c);
+        GatherChunk(d, sqk, d.h, q_pos, r, w, raw + o * chunk_qk);
+        UnitKeys(d, raw + o * chunk_qk, unit + o * chunk_qk, false,
+                 inv_norm + o * d.c);
+        GatherChunk(d, sv, d.hv, q_pos, r, w, v_rows);
+        Transpose(v_rows, d.hv, d.c, d.hv, nullptr, v_t + o * chunk_v, d.c);
       }
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t t = r * d.g + g;
         const float* p = probs + t * d.c * d.k;
         const float* dout = d_out + t * chunk_v;
-        const float* q = raw.data() + (g - g0 + d.before) * chunk_qk;
-        WindowKeys(d, q_pos, k_valid, r, g, key_pos.data(), key_valid.data());
+        const float* q = raw + (g - g0 + d.before) * chunk_qk;
+        WindowKeys(d, q_pos, k_valid, r, g, key_pos, key_valid);
         for (int64_t j = 0; j < d.parts; ++j)  // d probs = d_out v^T
-          Gemm<false>(d.c, d.c, d.hv, dout, d.hv, 1, v_t.data() + (g - g0 + j) * chunk_v, d.c,
-                      ds.data() + j * d.c, d.k);
+          Gemm<false>(d.c, d.c, d.hv, dout, d.hv, 1, v_t + (g - g0 + j) * chunk_v, d.c,
+                      ds + j * d.c, d.k);
         for (int64_t qi = 0; qi < d.c; ++qi) {  // d logits = p (d probs - <d_out, out> + d_lse)
           vf dot{};
           for (int64_t e = 0; e < d.hv; e += kW)
             dot += Load(dout + qi * d.hv + e) * Load(out + t * chunk_v + qi * d.hv + e);
           const float delta = Sum(dot) - d_lse[t * d.c + qi];
-          float* row = ds.data() + qi * d.k;
+          float* row = ds + qi * d.k;
           const int32_t qp = q_pos[t * d.c + qi];
           for (int64_t kk = 0; kk < d.k; kk += kW) {
-            const Masks m = ChunkMasks(key_pos.data(), key_valid.data(), qp, kk, causal);
+            const Masks m = ChunkMasks(key_pos, key_valid, qp, kk, causal);
             const vf x = Load(p + qi * d.k + kk) * (Load(row + kk) - delta);
             Store(row + kk, (m.allowed & ~m.self) ? x : vf{});
           }
         }
         // d q = d logits k: the window's keys are consecutive offsets, one product of depth K.
-        Gemm<false>(d.c, d.h, d.k, ds.data(), d.k, 1, unit.data() + (g - g0) * chunk_qk, d.h,
+        Gemm<false>(d.c, d.h, d.k, ds, d.k, 1, unit + (g - g0) * chunk_qk, d.h,
                     d_sqk + t * chunk_qk, d.h);
         for (int64_t j = 0; j < d.parts; ++j) {
           const int64_t o = g - g0 + j;
-          const float* ds_j = ds.data() + j * d.c;
+          const float* ds_j = ds + j * d.c;
           // d k += d logits^T q and d v += p^T d_out, for the chunk at offset o.
-          Gemm<true>(d.c, d.h, d.c, ds_j, 1, d.k, q, d.h, dk.data() + o * chunk_qk, d.h);
-          Gemm<true>(d.c, d.hv, d.c, p + j * d.c, 1, d.k, dout, d.hv, dv.data() + o * chunk_v,
+          Gemm<true>(d.c, d.h, d.c, ds_j, 1, d.k, q, d.h, dk + o * chunk_qk, d.h);
+          Gemm<true>(d.c, d.hv, d.c, p + j * d.c, 1, d.k, dout, d.hv, dv + o * chunk_v,
                      d.hv);
         }
       }
@@ -468,13 +488,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
         const int64_t g = g0 - d.before + o;
         if (g >= g0 + after && g < g1 - d.before) {  // interior: complete here
           const int64_t t = r * d.g + g;
-          AddUnitGradient(d, unit.data() + o * chunk_qk, inv_norm.data() + o * d.c,
-                          dk.data() + o * chunk_qk, d_sqk + t * chunk_qk);
-          std::memcpy(d_sv + t * chunk_v, dv.data() + o * chunk_v, chunk_v * sizeof(float));
+          AddUnitGradient(d, unit + o * chunk_qk, inv_norm + o * d.c,
+                          dk + o * chunk_qk, d_sqk + t * chunk_qk);
+          std::memcpy(d_sv + t * chunk_v, dv + o * chunk_v, chunk_v * sizeof(float));
         } else {
           const int64_t s = bi * 2 * edge + halo_slot(offsets, o);
-          std::memcpy(&halo_k[s * chunk_qk], dk.data() + o * chunk_qk, chunk_qk * sizeof(float));
-          std::memcpy(&halo_v[s * chunk_v], dv.data() + o * chunk_v, chunk_v * sizeof(float));
+          std::memcpy(&halo_k[s * chunk_qk], dk + o * chunk_qk, chunk_qk * sizeof(float));
+          std::memcpy(&halo_v[s * chunk_v], dv + o * chunk_v, chunk_v * sizeof(float));
         }
       }
     }
@@ -483,7 +503,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
   // Chunks at block edges: the partial sums of this block and its neighbours (in its row, the
   // first and last blocks neighbours through the wrap-around) that hold the same chunk.
   ParallelFor(pool, blocks.count, 4, [&](int64_t first, int64_t last) {
-    std::vector<float> raw(chunk_qk), unit(chunk_qk), inv_norm(d.c), dk(chunk_qk);
+    float* raw = Scratch<float, kRaw>(chunk_qk);
+    float* unit = Scratch<float, kUnit>(chunk_qk);
+    float* inv_norm = Scratch<float, kInvNorm>(d.c);
+    float* dk = Scratch<float, kKeysGrad>(chunk_qk);
     for (int64_t bi = first; bi < last; ++bi) {
       const int64_t r = bi / blocks.per_row, i = bi % blocks.per_row;
       const int64_t g0 = blocks.begin(d, i), g1 = blocks.end(d, i);
@@ -495,7 +518,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
       for (int64_t g = g0; g < g1; ++g) {
         if (g >= g0 + after && g < g1 - d.before) continue;
         const int64_t t = r * d.g + g;
-        std::fill(dk.begin(), dk.end(), 0.0f);
+        std::fill(dk, dk + chunk_qk, 0.0f);
         float* dv = d_sv + t * chunk_v;
         std::fill(dv, dv + chunk_v, 0.0f);
         for (int64_t n = 0; n < n_near; ++n) {
@@ -513,9 +536,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer s
               Store(dv + e, Load(dv + e) + Load(&halo_v[s * chunk_v + e]));
           }
         }
-        GatherChunk(d, sqk, d.h, q_pos, r, g, raw.data());
-        UnitKeys(d, raw.data(), unit.data(), false, inv_norm.data());
-        AddUnitGradient(d, unit.data(), inv_norm.data(), dk.data(), d_sqk + t * chunk_qk);
+        GatherChunk(d, sqk, d.h, q_pos, r, g, raw);
+        UnitKeys(d, raw, unit, false, inv_norm);
+        AddUnitGradient(d, unit, inv_norm, dk, d_sqk + t * chunk_qk);
       }
     }
   });
