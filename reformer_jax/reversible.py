@@ -17,7 +17,10 @@ exactly as the forward did even though rebuilt activations differ by float error
 memory is therefore that of one function, whatever the depth. The last `keep_last` functions
 (the models keep one, the last feed-forward) instead keep their activations from the forward
 pass: the backward pass starts with them, so they are held only across the loss, and their
-forward pass does not run twice.
+forward pass does not run twice. At the other end, the first two functions read the stack's
+inputs (f_1 reads x2 and adds to x1, f_2 reads f_1's output and adds to x2): kept, these are not
+rebuilt, and the last operations of those two functions (the first feed-forward's second
+product) drop out of the backward pass.
 
 Everything here is pure: parameters are explicit pytrees and every function receives its own
 PRNG key, so dropout masks and hash rotations replay identically in the backward pass.
@@ -178,11 +181,22 @@ def _reversible_fwd(fns, period, keep, params, x1, x2, context, consts, keys):
     replays.append(replay)
     tail.append((vjp, delta))
   return (y1, y2, tuple(replays)), (params, y1, y2, context, consts, keys, stacked, unrolled,
-                                    tuple(tail))
+                                    tuple(tail), (x1, x2))
 
 
-def _backward_step(f, p, key, replay, a, b, ga, gb, context, consts):
-  """Rebuilds one step's inputs from its outputs (a, b) and pulls the cotangents back."""
+def _distinct(x, like):
+  """`x`, as a value XLA cannot identify with `x`: `x + 0 * isnan(like[0])`, decided at run
+  time (always `x`, and finite where `x` is). A kept stack input handed on as a rebuilt one
+  would otherwise let XLA merge the backward pass's recomputation of the first function with
+  the forward pass's and hold the latter's intermediates from the forward pass to the end (43 MB
+  more temporaries in the training step of experiments/peers.py)."""
+  return x + 0 * jnp.isnan(like.reshape(-1)[0]).astype(x.dtype)
+
+
+def _backward_step(f, p, key, replay, a, b, ga, gb, context, consts, a_in=None):
+  """Rebuilds one step's inputs from its outputs (a, b) and pulls the cotangents back. Given
+  `a_in` (a kept stack input), the step's input `a_in` is not rebuilt: f's output is unused, and
+  what only it needs drops out of the compiled step."""
   # Without the barrier XLA may rebuild every step's inputs ahead of the cotangents (they
   # depend only on the outputs), holding all of them at once: memory would grow with depth.
   a, b, ga, gb = jax.lax.optimization_barrier((a, b, ga, gb))
@@ -194,9 +208,12 @@ def _backward_step(f, p, key, replay, a, b, ga, gb, context, consts):
     return f(p, x, ctx, consts, key, replay)[0]
   # Outputs (a, b) = (b_in, a_in + f(b_in)): rebuild the inputs, then pull the cotangents back.
   delta, vjp = jax.vjp(step, p, a, context)
-  # The backward pass of f starts once its forward output is folded into the stream, so XLA
-  # cannot allocate its buffers (input gradient) alongside the forward's.
-  b, gb = jax.lax.optimization_barrier((b - delta, gb))
+  if a_in is None:
+    # The backward pass of f starts once its forward output is folded into the stream, so XLA
+    # cannot allocate its buffers (input gradient) alongside the forward's.
+    b, gb = jax.lax.optimization_barrier((b - delta, gb))
+  else:
+    b = _distinct(a_in, gb)
   gp, gx, gc = vjp(gb)
   return (b, a, gb, ga + gx), gp, gc
 
@@ -226,40 +243,48 @@ def _backward_step_in_chunks(f, p, key, a, b, ga, gb, context, consts):
 
 def _reversible_bwd(fns, period, keep, residuals, cotangents):
   del keep
-  params, a, b, context, consts, keys, stacked, unrolled, tail = residuals
+  params, a, b, context, consts, keys, stacked, unrolled, tail, inputs = residuals
   ga, gb, _ = cotangents  # replays are integers: no cotangent
   grad_context = jax.tree.map(jnp.zeros_like, context)
   add = lambda x, y: jax.tree.map(jnp.add, x, y)
   n = len(fns) - len(tail)
   m = n - len(unrolled)
   grads = [None] * len(fns)
+  # Function i < 2 adds to stream x1 (i = 0) or x2 (i = 1): that input is kept, not rebuilt.
+  known = lambda i: inputs[i] if i < 2 else None
   # The kept tail first, from its stored activations: outputs (a, b) = (b_in, a_in + delta).
   for i, (vjp, delta) in reversed(list(enumerate(tail, n))):
     grads[i], gx, gc = vjp(gb)
-    a, b, ga, gb = b - delta, a, gb, ga + gx
+    a, b, ga, gb = b - delta if known(i) is None else _distinct(known(i), gb), a, gb, ga + gx
     grad_context = add(grad_context, gc)
   streams = (a, b, ga, gb)
   for i in reversed(range(m, n)):
     streams, grads[i], gc = _backward_step(fns[i], params[i], keys[i], unrolled[i - m],
-                                           *streams, context, consts)
+                                           *streams, context, consts, known(i))
     grad_context = add(grad_context, gc)
+
+  def group_step(streams, acc, group_params, group_keys, group_replays, first):
+    group_grads = [None] * period
+    for k in reversed(range(period)):
+      streams, group_grads[k], gc = _backward_step(
+          fns[k], group_params[k], group_keys[k], group_replays[k], *streams, context, consts,
+          known(k) if first else None)
+      acc = add(acc, gc)
+    return streams, acc, list(group_grads)
+
   if m:
+    # Groups m / period - 1 ... 1 as a scan; the first group, which reads the kept inputs, after
+    # it (unrolled).
     def body(carry, xs):
-      streams, acc = carry
-      group_params, group_keys, group_replays = xs
-      group_grads = [None] * period
-      for k in reversed(range(period)):
-        streams, group_grads[k], gc = _backward_step(fns[k], group_params[k], group_keys[k],
-                                                     group_replays[k], *streams, context,
-                                                     consts)
-        acc = add(acc, gc)
+      streams, acc, group_grads = group_step(*carry, *xs, first=False)
       return (streams, acc), tuple(group_grads)
 
+    xs = (_by_position(params[:m], period), _by_position(keys[:m], period), stacked)
     (streams, grad_context), scanned = jax.lax.scan(
-        body, (streams, grad_context),
-        (_by_position(params[:m], period), _by_position(keys[:m], period), stacked),
-        reverse=True)
-    grads[:m] = _unstack(scanned, m, period)
+        body, (streams, grad_context), jax.tree.map(lambda x: x[1:], xs), reverse=True)
+    streams, grad_context, grads[:period] = group_step(
+        streams, grad_context, *jax.tree.map(lambda x: x[0], xs), first=True)
+    grads[period:m] = _unstack(scanned, m - period, period)
   _, _, ga, gb = streams
   return tuple(grads), ga, gb, grad_context, None, None
 
