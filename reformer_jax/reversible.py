@@ -19,8 +19,8 @@ memory is therefore that of one function, whatever the depth. The last `keep_las
 pass: the backward pass starts with them, so they are held only across the loss, and their
 forward pass does not run twice. At the other end, the first two functions read the stack's
 inputs (f_1 reads x2 and adds to x1, f_2 reads f_1's output and adds to x2): kept, these are not
-rebuilt, and the last operations of those two functions (the first feed-forward's second
-product) drop out of the backward pass.
+rebuilt, and what only the two functions' outputs need (in the models, the first feed-forward's
+second product) drops out of the backward pass.
 
 Everything here is pure: parameters are explicit pytrees and every function receives its own
 PRNG key, so dropout masks and hash rotations replay identically in the backward pass.
