@@ -324,7 +324,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer sqk_b, ffi::AnyBuffer sv
 
   ParallelFor(pool, blocks.count, 1, [&](int64_t first, int64_t last) {
     float* inv_norm = Scratch<float, kInvNorm>(d.c);  // one chunk's, used for its transposed keys
-    float* scratch = Scratch<float, kProbs>(d.c * d.k);  // one chunk's probabilities (not saved)
+    // One chunk's probabilities, where they are not saved.
+    float* scratch = save_probs ? nullptr : Scratch<float, kProbs>(d.c * d.k);
     int32_t* key_pos = Scratch<int32_t, kKeyPos>(d.k);
     int32_t* key_valid = Scratch<int32_t, kKeyValid>(d.k);
     for (int64_t bi = first; bi < last; ++bi) {
