@@ -37,6 +37,9 @@ def get_model_config() -> ml_collections.ConfigDict:
                                     # allowed; False (full attention only): like any other key
   m.reversible = True               # reversible residual stack (memory independent of depth)
   m.ff_chunk_len = 0                # tokens per feed-forward chunk; 0: unchunked
+  m.keep_last = 1                   # last functions keeping their activations for the backward
+                                    # pass (1: the last feed-forward; 2: the last block, faster,
+                                    # more memory; 0: all recomputed, least memory)
   m.dropout = 0.0                   # residual, embedding and feed-forward dropout
   m.pos_embedding = 'axial'         # 'axial' | 'learned' | 'none'
   m.axial_shape = config_dict.placeholder(tuple)  # factors of the position table; None: auto

@@ -14,7 +14,9 @@ chunked over `ff_chunk` tokens when nonzero, dropout 0, float32), trained by nex
 cross-entropy and AdamW:
 
     reformer_jax      reformer_jax.models.ReformerLM, one jitted step (optax.adamw), parameters
-                      and optimizer state donated; a fresh hash key per step (fold_in(key, step))
+                      and optimizer state donated; a fresh hash key per step (fold_in(key, step));
+                      ModelConfig's defaults for the rest (keep_last 1: the last feed-forward
+                      keeps its forward activations, the others are rebuilt in the backward pass)
     transformers      Hugging Face `ReformerModelWithLMHead` (attn_layers ['lsh'] * layers)
     reformer_pytorch  lucidrains' `reformer_pytorch.ReformerLM` (causal=True), its axial
                       embedding replaced by a concatenated one of the same shape and widths

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reformer_jax.attention import cpu_kernel
 from reformer_jax.attention import default_n_buckets, full_attention, local_attention, lsh_attention
 from reformer_jax.attention.common import layer_norm, resolve_chunking
 from reformer_jax.attention.lsh import attention_groups, lsh_self_attention
@@ -269,38 +270,40 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def _product(a: jax.Array, b: jax.Array, trans_a: bool = False,
+             trans_b: bool = False) -> jax.Array:
+  """`op(a) @ op(b)` of 2-D arrays (`op` transposes where asked): OpenBLAS on CPU
+  (`cpu_kernel.matmul`) where it applies, XLA's dot elsewhere."""
+  def xla(a, b):
+    return jax.lax.dot_general(a, b, (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ())))
+  if not cpu_kernel.matmul_applies(a, b):
+    return xla(a, b)
+  return jax.lax.platform_dependent(
+      a, b, cpu=lambda a, b: cpu_kernel.matmul(a, b, trans_a, trans_b), default=xla)
+
+
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """`x [T, F] @ w [F, D]` over flattened tokens, with a weight gradient XLA:CPU runs fast.
+  """`x [T, F] @ w [F, D]` over flattened tokens: every projection of the models.
 
-  Autodiff's weight gradient `x^T dy` contracts both operands over their leading (token) axis;
-  Eigen ran that form at 110-150 GFLOP/s on this project's CPUs where a plain `[M, K] @ [K, N]`
-  ran at 170-180. Here the narrower of `x` and `dy` is transposed in memory first (a few MB) and
-  multiplied as the left operand: `x^T @ dy` for `F <= D`, else `(dy^T @ x)^T`. Optimization
-  barriers keep XLA from folding the transposes back into the product's dimension numbers.
-  (Alone, on the Zen 3: the `[256, 1024]` weight gradient over 4096 tokens took 12.96 ms
-  instead of 14.01, the `[1024, 256]` one 13.09 instead of 14.15, `[256, 256]` 3.59-3.68 instead
-  of 3.88.)
+  On CPU, float32 products (forward, input and weight gradients) run through OpenBLAS's sgemm
+  (`cpu_kernel.matmul`, with its transpose flags) instead of XLA:CPU's Eigen contraction, which
+  ran the Reformer's forward products at 170-180 GFLOP/s on the 2-core Zen 3 and the weight
+  gradients `x^T dy`, whose left operand it reads transposed, at 110-150; OpenBLAS ran both at
+  180-187 there. (A 6-layer, 4K-token training step, experiments/peers.py's: 0.958x the time of
+  Eigen's products in 20 alternated steps in one process, side check.) Elsewhere, XLA's dot.
   """
-  return x @ w
+  return _product(x, w)
 
 
 def _matmul_fwd(x, w):
-  return x @ w, (x, w)
+  return _product(x, w), (x, w)
 
 
 def _matmul_bwd(residuals, dy):
   x, w = residuals
-  barrier = jax.lax.optimization_barrier
-  # barrier(a).T: a plain transpose of the materialized operand; otherwise XLA fuses the
-  # operand's producer (a layer norm, say) into the transpose and recomputes it in transposed
-  # order, at several times the cost.
-  transposed = lambda a: barrier(barrier(a).T)
-  if x.shape[-1] <= dy.shape[-1]:
-    dw = transposed(x) @ dy
-  else:
-    dw = barrier(transposed(dy) @ x).T
-  return dy @ w.T.astype(dy.dtype), dw.astype(w.dtype)
+  return (_product(dy, w.astype(dy.dtype), trans_b=True),
+          _product(x, dy.astype(x.dtype), trans_a=True).astype(w.dtype))
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

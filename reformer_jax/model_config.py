@@ -39,6 +39,11 @@ class ModelConfig:
                                           # no other is allowed; False: like any other (full only)
   reversible: bool = True                 # False: ordinary pre-norm residual Transformer
   ff_chunk_len: int = 0                   # tokens per feed-forward chunk; 0: unchunked
+  keep_last: int = 1                      # last residual functions that keep their forward
+                                          # activations for the backward pass instead of
+                                          # running again there (1: the last feed-forward;
+                                          # 2: the last block, faster, one attention's
+                                          # activations more; 0: least memory)
   dropout: float = 0.0                    # residual, embedding and feed-forward dropout
   pos_embedding: str = 'axial'            # 'axial' | 'learned' | 'none'
   axial_shape: tuple[int, ...] | None = None  # factors of the position table; None: near-square
@@ -144,6 +149,10 @@ class ModelConfig:
     if self.ff_chunk_len < 0 or (self.ff_chunk_len and self.max_len > self.ff_chunk_len
                                  and self.max_len % self.ff_chunk_len):
       fail(f'ff_chunk_len {self.ff_chunk_len} must be 0 (off) or divide max_len {self.max_len}')
+    if not isinstance(self.keep_last, int) or self.keep_last < 0:
+      fail(f'keep_last must be an int >= 0, got {self.keep_last!r}: 0 recomputes every '
+           f'function in the backward pass (least memory), 1 keeps the last feed-forward\'s '
+           f'activations, 2 the last block\'s')
     if not 0.0 <= self.dropout < 1.0:
       fail(f'dropout must be in [0, 1), got {self.dropout}')
     if self.pos_embedding not in POS_EMBEDDINGS:

@@ -128,6 +128,24 @@ def test_bucket_sort_equals_xla_sort():
     jax.block_until_ready(cpu_kernel.bucket_sort(buckets, total_buckets))  # too few keys
 
 
+@needs_compiler
+@pytest.mark.parametrize('m,k,n', [(37, 24, 19), (5, 40, 64)])  # rows split / columns split
+def test_blas_matmul_equals_xla(m, k, n):
+  """`cpu_kernel.matmul` (OpenBLAS, in parts over XLA's pool) with every transpose flag."""
+  assert cpu_kernel.matmul_applies(jnp.zeros((2, 2)), jnp.zeros((2, 2)))  # builds it
+  a = jax.random.normal(jax.random.PRNGKey(7), (m, k))
+  b = jax.random.normal(jax.random.PRNGKey(8), (k, n))
+  want = np.asarray(a) @ np.asarray(b)
+  for trans_a in (False, True):
+    for trans_b in (False, True):
+      got = jax.jit(lambda a, b: cpu_kernel.matmul(a, b, trans_a, trans_b))(  # pylint: disable=cell-var-from-loop
+          a.T if trans_a else a, b.T if trans_b else b)
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5,
+                                 err_msg=f'trans_a={trans_a} trans_b={trans_b}')
+  assert not cpu_kernel.matmul_applies(a.astype(jnp.bfloat16), b)  # float32 only
+  assert not cpu_kernel.matmul_applies(a[None], b)  # 2-D only
+
+
 def test_kernel_applies_only_where_it_can(monkeypatch):
   monkeypatch.setenv(cpu_kernel.ENV, '0')
   x = jnp.zeros((1, 1, 64, 16))

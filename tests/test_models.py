@@ -129,6 +129,7 @@ def test_encoder_decoder_shapes_gradients_and_causal_decoder():
     (dict(exclude_self=False, attention_types=('full',), shared_qk=False),
      'exclude_self=False needs shared_qk=True'),
     (dict(ff_chunk_len=24), 'ff_chunk_len 24 must be 0 .off. or divide max_len 64'),
+    (dict(keep_last=-1), 'keep_last must be an int >= 0, got -1: 0 recomputes every function'),
     (dict(dtype='float8'), "dtype 'float8' is not one of"),
 ])
 def test_config_errors_name_the_field_and_fix(changes, message):

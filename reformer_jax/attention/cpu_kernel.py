@@ -8,12 +8,15 @@ does the chunk's whole step out of cache and spreads chunks over XLA's intra-op 
 compiled on first use with the machine's C++ compiler (`-O3 -march=native`, a few seconds) into
 a cache directory and registered as the FFI targets `reformer_chunk_attention_fwd` / `_bwd`.
 The same library holds LSH's counting sort of the buckets (`bucket_sort.cc`, FFI target
-`reformer_bucket_sort`, used by `lsh._sort_slots`).
+`reformer_bucket_sort`, used by `lsh._sort_slots`). A second library, `matmul.cc` linked against
+OpenBLAS from the `scipy-openblas32` package, runs float32 matrix products (FFI target
+`reformer_matmul`, `matmul` below): `layers.matmul`, every projection of the models, uses it on
+CPU.
 
-`REFORMER_JAX_CPU_KERNEL`: `auto` (default) uses the kernel where it applies (float32, chunk
-and head widths multiples of 16, the CPU backend) and falls back to the XLA version, with one
-warning, when no compiler is found or the build fails; `0` always uses XLA; `1` makes a failed
-build an error. `REFORMER_JAX_CACHE` overrides the cache directory
+`REFORMER_JAX_CPU_KERNEL`: `auto` (default) uses the kernels where they apply (float32; for the
+chunk step, chunk and head widths multiples of 16; the CPU backend) and falls back to the XLA
+versions, with one warning per library, when no compiler (or no OpenBLAS) is found or the build
+fails; `0` always uses XLA; `1` makes a failed build an error. `REFORMER_JAX_CACHE` overrides the cache directory
 (default `$XDG_CACHE_HOME/reformer_jax` or `~/.cache/reformer_jax`).
 """
 
@@ -37,9 +40,11 @@ from reformer_jax import machine
 
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'chunk_attention.cc', _HERE / 'bucket_sort.cc')  # one library
+BLAS_SOURCES = (_HERE / 'matmul.cc',)  # the other, linked against OpenBLAS
 HEADERS = (_HERE / 'parallel_for.h',)
 FORWARD, BACKWARD = 'reformer_chunk_attention_fwd', 'reformer_chunk_attention_bwd'
 SORT = 'reformer_bucket_sort'
+MATMUL = 'reformer_matmul'
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-ffp-contract=fast', '-fPIC', '-shared',
          '-Wno-attributes', '-Wno-return-type')
 ENV = 'REFORMER_JAX_CPU_KERNEL'
@@ -65,25 +70,39 @@ def _compiler() -> str | None:
       'clang++')
 
 
-def build() -> pathlib.Path:
-  """Compiles `chunk_attention.cc` and `bucket_sort.cc` into one library (once per sources,
-  compiler, jaxlib and CPU) and returns its path. Raises `RuntimeError` with the compiler's
-  message when it fails."""
+def _openblas_flags() -> list[str]:
+  """Compiler and linker flags for scipy-openblas32's headers and library; raises `RuntimeError`
+  when the package is missing."""
+  try:
+    import scipy_openblas32  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise RuntimeError('the scipy-openblas32 package is not installed (pip install '
+                       'scipy-openblas32, a dependency of reformer_jax)') from e
+  lib = scipy_openblas32.get_lib_dir()
+  return [f'-I{scipy_openblas32.get_include_dir()}', f'-L{lib}',
+          f'-l{scipy_openblas32.get_library()}', f'-Wl,-rpath,{lib}']
+
+
+def build(blas: bool = False) -> pathlib.Path:
+  """Compiles `chunk_attention.cc` and `bucket_sort.cc` into one library (or, `blas`,
+  `matmul.cc` against OpenBLAS into another), once per sources, compiler, flags, jaxlib and CPU,
+  and returns its path. Raises `RuntimeError` with the compiler's message when it fails."""
   compiler = _compiler()
   if compiler is None:
     raise RuntimeError('no C++ compiler found (set CXX, or install g++)')
-  sources = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
+  files, extra = (BLAS_SOURCES, _openblas_flags()) if blas else (SOURCES, [])
+  sources = [f.read_bytes() for f in (*files, *HEADERS)]
   key = hashlib.sha256(b'\0'.join([
-      *sources, compiler.encode(), ' '.join(FLAGS).encode(), jax.__version__.encode(),
-      machine.cpu_flags().encode()])).hexdigest()[:16]  # -march=native builds for them
-  target = cache_dir() / f'chunk_attention-{key}.so'
+      *sources, compiler.encode(), ' '.join(FLAGS + tuple(extra)).encode(),
+      jax.__version__.encode(), machine.cpu_flags().encode()])).hexdigest()[:16]  # -march=native
+  target = cache_dir() / f'{"matmul" if blas else "chunk_attention"}-{key}.so'
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = pathlib.Path(tmp) / target.name
-    command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o',
-               str(built)]
+    command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, files), '-o',
+               str(built), *extra]
     logging.info('Compiling the LSH CPU kernels: %s', ' '.join(command))
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -109,6 +128,22 @@ def _load() -> bool:
                               platform='cpu')
   jax.ffi.register_ffi_target(SORT, jax.ffi.pycapsule(library.ReformerBucketSort),
                               platform='cpu')
+  return True
+
+
+@functools.cache
+def _load_blas() -> bool:
+  """Builds and registers the OpenBLAS product once per process; False (with a warning) if it
+  cannot."""
+  try:
+    library = ctypes.CDLL(str(build(blas=True)))
+  except (RuntimeError, OSError) as e:
+    if mode() == '1':
+      raise RuntimeError(f'{ENV}=1 but the OpenBLAS matrix product cannot be built: {e}') from e
+    logging.warning("Matrix products use XLA's dot on CPU (%s=auto): %s", ENV, e)
+    return False
+  library.ReformerBlasSingleThreaded()
+  jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(library.ReformerMatmul), platform='cpu')
   return True
 
 
@@ -159,6 +194,27 @@ def backward(qk, v, q_pos, k_valid, probs, out, d_out, d_lse, before: int, after
   return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='broadcast_all')(
       qk, v, q_pos.astype(jnp.int32), k_valid, probs, out, d_out.astype(jnp.float32),
       d_lse.astype(jnp.float32), **_attrs(before, after, causal))
+
+
+def matmul_applies(a: jax.Array, b: jax.Array) -> bool:
+  """Whether `matmul` can run `a @ b`: 2-D float32 arrays, one device in the process, not
+  switched off, and built (compiling it on first call). With several devices (a CPU mesh) a
+  product may be sharded, and XLA's partitioner would gather a custom call's operands whole on
+  every device; its own dot it partitions."""
+  if (mode() == '0' or a.ndim != 2 or b.ndim != 2 or a.dtype != jnp.float32
+      or b.dtype != jnp.float32 or jax.device_count() > 1):
+    return False
+  return _load_blas()
+
+
+def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
+  """`op(a) @ op(b)` by OpenBLAS's sgemm (`matmul.cc`), `op` transposing where asked: `a [M, K]`
+  (or `[K, M]`), `b [K, N]` (or `[N, K]`) float32 -> `[M, N]` float32."""
+  m = a.shape[1] if trans_a else a.shape[0]
+  n = b.shape[0] if trans_b else b.shape[1]
+  return jax.ffi.ffi_call(MATMUL, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          vmap_method='sequential')(a, b, trans_a=bool(trans_a),
+                                                    trans_b=bool(trans_b))
 
 
 def bucket_sort(buckets, n_keys: int):
