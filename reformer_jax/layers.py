@@ -309,6 +309,16 @@ def _matmul_bwd(residuals, dy):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`jax.lax.dot_general` for `nn.Dense(dot_general=...)`: a plain `[T, F] @ [F, D]` product
+  (the LM head over flattened tokens) goes through `matmul`."""
+  if (lhs.ndim == 2 and rhs.ndim == 2 and preferred_element_type is None
+      and dimension_numbers == (((1,), (0,)), ((), ()))):
+    return matmul(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
 def feed_forward(params: dict, x: jax.Array, *, chunk_len: int = 0, rate: float = 0.0,
                  key: jax.Array | None = None, norm: dict | None = None,
                  out_key: jax.Array | None = None,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from reformer_jax import reversible
 from reformer_jax.attention import bucket_balance, default_n_buckets
 from reformer_jax.layers import (AttentionBlock, AxialPositionalEmbedding, CrossAttentionBlock,
-                                 FeedForwardBlock, LayerNorm, dropout)
+                                 FeedForwardBlock, LayerNorm, dense_dot_general, dropout)
 from reformer_jax.model_config import ModelConfig
 
 EMBED, DECODER, ENCODER = 0, 1, 2  # fold_in tags of the call's key
@@ -176,7 +176,7 @@ class _OutputHead(nn.Module):
       logits = embedding.logits(tokens)
     else:
       logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype,
-                        name='logits')(tokens)
+                        dot_general=dense_dot_general, name='logits')(tokens)
     return logits.reshape(*x.shape[:-1], -1).astype(jnp.float32)
 
 

@@ -193,3 +193,19 @@ def test_memory_bounded_paths_equal_the_default(monkeypatch):
   # Float32 sums in another order, through the reversible rebuild: rounding-level differences.
   for a, b in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5 * max(1.0, float(jnp.abs(b).max())))
+
+
+def test_every_projection_and_the_head_go_through_layers_matmul():
+  """On CPU (one device, kernels built) the projections, feed-forward products and the LM head
+  are OpenBLAS products (`layers.matmul`): no XLA dot is left in the forward pass but the
+  hashing rotations."""
+  from reformer_jax.attention import cpu_kernel  # pylint: disable=import-outside-toplevel
+  cfg = BASE.replace(n_layers=1)
+  model = ReformerLM(cfg)
+  tokens = jnp.ones((1, 64), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens, rng=jax.random.PRNGKey(1))['params']
+  if not cpu_kernel.matmul_applies(jnp.zeros((2, 2)), jnp.zeros((2, 2))):
+    pytest.skip('no OpenBLAS product here (no compiler, several devices or switched off)')
+  hlo = jax.jit(lambda p, t: model.apply({'params': p}, t, rng=jax.random.PRNGKey(1))).lower(
+      params, tokens).as_text()
+  assert hlo.count(f'@{cpu_kernel.MATMUL}(') == 6, hlo  # qk, v, out, two feed-forward, head
