@@ -290,8 +290,9 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   (`cpu_kernel.matmul`, with its transpose flags) instead of XLA:CPU's Eigen contraction, which
   ran the Reformer's forward products at 170-180 GFLOP/s on the 2-core Zen 3 and the weight
   gradients `x^T dy`, whose left operand it reads transposed, at 110-150; OpenBLAS ran both at
-  180-187 there. (A 6-layer, 4K-token training step, experiments/peers.py's: 0.958x the time of
-  Eigen's products in 20 alternated steps in one process, side check.) Elsewhere, XLA's dot.
+  180-187 there. (The 6-layer, 4K-token training step of experiments/peers.py: 0.948x the
+  time with XLA's dots, in 20 alternated steps in one process; a side check.) Elsewhere, and
+  for other dtypes, XLA's dot.
   """
   return _product(x, w)
 

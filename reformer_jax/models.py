@@ -170,7 +170,7 @@ class _OutputHead(nn.Module):
     x = LayerNorm(cfg.compute_dtype, cfg.parameter_dtype, name='norm')(x)
     # Over the flattened `[B * L, D]` tokens (see `layers.feed_forward`): the weight gradient is
     # then a plain GEMM rather than one over a `[V, B * L]` transposed copy of the logits'
-    # gradient.
+    # gradient; `layers.matmul` (OpenBLAS on CPU) runs the untied head's products.
     tokens = x.reshape(-1, x.shape[-1])
     if cfg.tie_embeddings:
       logits = embedding.logits(tokens)

@@ -16,8 +16,8 @@ CPU.
 `REFORMER_JAX_CPU_KERNEL`: `auto` (default) uses the kernels where they apply (float32; for the
 chunk step, chunk and head widths multiples of 16; the CPU backend) and falls back to the XLA
 versions, with one warning per library, when no compiler (or no OpenBLAS) is found or the build
-fails; `0` always uses XLA; `1` makes a failed build an error. `REFORMER_JAX_CACHE` overrides the cache directory
-(default `$XDG_CACHE_HOME/reformer_jax` or `~/.cache/reformer_jax`).
+fails; `0` always uses XLA; `1` makes a failed build an error. `REFORMER_JAX_CACHE` overrides the
+cache directory (default `$XDG_CACHE_HOME/reformer_jax` or `~/.cache/reformer_jax`).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def build(blas: bool = False) -> pathlib.Path:
     built = pathlib.Path(tmp) / target.name
     command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, files), '-o',
                str(built), *extra]
-    logging.info('Compiling the LSH CPU kernels: %s', ' '.join(command))
+    logging.info('Compiling CPU kernels: %s', ' '.join(command))
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
       raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-4000:]}')
