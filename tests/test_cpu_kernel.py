@@ -174,3 +174,12 @@ def test_a_failed_build_falls_back_to_xla_or_raises_when_required(monkeypatch, t
   monkeypatch.setenv(cpu_kernel.ENV, '1')
   with pytest.raises(RuntimeError, match='cannot be built'):
     cpu_kernel.applies(x, x, 16, 1, 0)
+  # The OpenBLAS product alike.
+  monkeypatch.setattr(cpu_kernel, '_load_blas', cpu_kernel._load_blas.__wrapped__)  # pylint: disable=protected-access
+  a = jnp.zeros((4, 4))
+  monkeypatch.setenv(cpu_kernel.ENV, 'auto')
+  assert not cpu_kernel.matmul_applies(a, a)
+  assert "XLA's dot" in caplog.text
+  monkeypatch.setenv(cpu_kernel.ENV, '1')
+  with pytest.raises(RuntimeError, match='OpenBLAS matrix product cannot be built'):
+    cpu_kernel.matmul_applies(a, a)
