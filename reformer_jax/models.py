@@ -80,8 +80,8 @@ class Stack(nn.Module):
     cycle = len(self.cfg.attention_types)
     period = (len(specs) // self.n_layers * cycle
               if self.n_layers % cycle == 0 and 4 * x.size > SCAN_STREAM_BYTES else None)
-    # The last `keep_last` functions (by default the last block's attention and feed-forward)
-    # keep their activations: their forward pass is not run again in the backward pass.
+    # The last `keep_last` functions (by default one, the last layer's feed-forward) keep their
+    # activations: their forward pass is not run again in the backward pass.
     y1, y2, replays = reversible.reversible_stack(fns, params, x, x, keys=keys, context=context,
                                                   consts=consts, period=period,
                                                   keep_last=self.cfg.keep_last)

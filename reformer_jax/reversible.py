@@ -15,9 +15,9 @@ that one function, and moves on. The forward pass keeps only the outputs, the pa
 RNG keys and each function's *replay* data (the integer LSH buckets, so the backward pass hashes
 exactly as the forward did even though rebuilt activations differ by float error). Activation
 memory is therefore that of one function, whatever the depth. The last `keep_last` functions
-(the models keep one, the last feed-forward) instead keep their activations from the forward
-pass: the backward pass starts with them, so they are held only across the loss, and their
-forward pass does not run twice. At the other end, the first two functions read the stack's
+(in the models `ModelConfig.keep_last`, by default one: the last feed-forward) instead keep
+their activations from the forward pass: the backward pass starts with them, so they are held
+only across the loss, and their forward pass does not run twice. At the other end, the first two functions read the stack's
 inputs (f_1 reads x2 and adds to x1, f_2 reads f_1's output and adds to x2): kept, these are not
 rebuilt, and what only the two functions' outputs need (in the models, the first feed-forward's
 second product) drops out of the backward pass.

@@ -111,23 +111,32 @@ def build(blas: bool = False) -> pathlib.Path:
   return target
 
 
+def _open(blas: bool, what: str, fallback: str) -> ctypes.CDLL | None:
+  """The library of `build(blas)`, compiling it if needed; None, with one warning naming the
+  `fallback`, where it cannot be built (an error under `REFORMER_JAX_CPU_KERNEL=1`)."""
+  try:
+    return ctypes.CDLL(str(build(blas)))
+  except (RuntimeError, OSError) as e:
+    if mode() == '1':
+      raise RuntimeError(f'{ENV}=1 but {what} cannot be built: {e}') from e
+    logging.warning('%s (%s=auto): %s', fallback, ENV, e)
+    return None
+
+
+def _register(library: ctypes.CDLL, targets: dict[str, str]) -> None:
+  for name, symbol in targets.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+
+
 @functools.cache
 def _load() -> bool:
   """Builds and registers the kernel once per process; False (with a warning) if it cannot."""
-  try:
-    library = ctypes.CDLL(str(build()))
-  except (RuntimeError, OSError) as e:
-    if mode() == '1':
-      raise RuntimeError(f'{ENV}=1 but the LSH chunk kernel cannot be built: {e}') from e
-    logging.warning('LSH attention uses the XLA version of its chunk step on CPU (%s=auto): %s',
-                    ENV, e)
+  library = _open(False, 'the LSH chunk kernel',
+                  'LSH attention uses the XLA version of its chunk step on CPU')
+  if library is None:
     return False
-  jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(library.ReformerChunkAttentionFwd),
-                              platform='cpu')
-  jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.ReformerChunkAttentionBwd),
-                              platform='cpu')
-  jax.ffi.register_ffi_target(SORT, jax.ffi.pycapsule(library.ReformerBucketSort),
-                              platform='cpu')
+  _register(library, {FORWARD: 'ReformerChunkAttentionFwd', BACKWARD: 'ReformerChunkAttentionBwd',
+                      SORT: 'ReformerBucketSort'})
   return True
 
 
@@ -135,15 +144,11 @@ def _load() -> bool:
 def _load_blas() -> bool:
   """Builds and registers the OpenBLAS product once per process; False (with a warning) if it
   cannot."""
-  try:
-    library = ctypes.CDLL(str(build(blas=True)))
-  except (RuntimeError, OSError) as e:
-    if mode() == '1':
-      raise RuntimeError(f'{ENV}=1 but the OpenBLAS matrix product cannot be built: {e}') from e
-    logging.warning("Matrix products use XLA's dot on CPU (%s=auto): %s", ENV, e)
+  library = _open(True, 'the OpenBLAS matrix product', "Matrix products use XLA's dot on CPU")
+  if library is None:
     return False
   library.ReformerBlasSingleThreaded()
-  jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(library.ReformerMatmul), platform='cpu')
+  _register(library, {MATMUL: 'ReformerMatmul'})
   return True
 
 
